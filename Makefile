@@ -16,11 +16,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 test: venv
-	XLA_FLAGS=$(TEST_XLA_FLAGS) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --durations=10 tests
+	XLA_FLAGS=$(TEST_XLA_FLAGS) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests
 
 demo: venv
-	$(PY) -c "from oasis_jax import tfds_oasis; tfds_oasis.prepare('demo')"
-	@echo "make demo: the demo data is prepared, but stage 1 (train_vqvae.py) is not built yet: nothing trained" >&2; exit 1
+	$(PY) train_vqvae.py --config=configs/vqvae.py:demo --workdir=$(DEMO_DIR)/vqvae
+	$(PY) -m oasis_jax.evaluate --workdir=$(DEMO_DIR)/vqvae --split=test
+	$(PY) train_gan.py --config=configs/gan.py:demo --workdir=$(DEMO_DIR)/gan --config.vqvae_workdir=$(DEMO_DIR)/vqvae
+	$(PY) sample.py --num=64 --workdir=$(DEMO_DIR)/gan --outdir=$(DEMO_DIR)/samples
+	@echo "make demo: 64 samples in $(DEMO_DIR)/samples/ (overview: $(DEMO_DIR)/samples/grid.png)"
 
 bench: venv
 	$(PY) bench/data_pipeline.py

@@ -4,6 +4,9 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 
 from oasis_jax import demo_data  # noqa: E402
@@ -23,3 +26,25 @@ def oasis_png_dir(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('oasis_png'))
   demo_data.write_oasis_png_layout(root, max_per_split=40)
   return root
+
+
+def run_cli(*args, check=True):
+  result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+  if check and result.returncode != 0:
+    raise AssertionError(f'{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}')
+  return result
+
+
+def train_losses(stdout):
+  return [float(line.split(' loss ')[1].split()[0]) for line in stdout.splitlines() if ' train: ' in line]
+
+
+@pytest.fixture(scope='session')
+def tiny_stage1(tmp_path_factory, cache_dir):
+  """A tiny stage-1 run trained in two parts (20 steps, then resumed to 30) and an uninterrupted 30-step run."""
+  base = tmp_path_factory.mktemp('stage1')
+  common = ['train_vqvae.py', '--config=configs/vqvae.py:tiny', f'--config.cache_dir={cache_dir}']
+  first = run_cli(*common, f'--workdir={base}/resumed', '--config.num_train_steps=20')
+  second = run_cli(*common, f'--workdir={base}/resumed', '--config.num_train_steps=30')
+  whole = run_cli(*common, f'--workdir={base}/whole', '--config.num_train_steps=30')
+  return {'resumed': str(base / 'resumed'), 'whole': str(base / 'whole'), 'logs': (first, second, whole)}

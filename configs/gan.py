@@ -1,0 +1,54 @@
+"""Stage-2 (DCGAN over code maps) recipes: `--config=configs/gan.py[:default|:demo|:tiny]`.
+
+`vqvae_workdir` names the stage-1 run whose encoder makes the real code maps and whose decoder renders samples.
+`dataset`/`data_dir`/`cache_dir` left empty take the stage-1 run's.
+"""
+import ml_collections
+
+
+def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.vqvae_workdir = 'runs/vqvae'
+  config.dataset = ''            # '' = the stage-1 run's dataset
+  config.data_dir = ''
+  config.cache_dir = ''
+  # Model (DCGAN).
+  config.latent_dim = 100
+  config.generator_width = 64
+  config.discriminator_width = 64
+  config.upsample = 'subpixel'   # generator upsampling: 'subpixel' or 'transpose' (the DCGAN paper's)
+  config.gumbel_temperature = 1.0
+  # Optimisation (Radford et al.: Adam 2e-4, beta1 0.5).
+  config.seed = 0
+  config.batch_size = 64
+  config.learning_rate = 2e-4
+  config.beta1 = 0.5
+  config.num_train_steps = 20000
+  # Bookkeeping.
+  config.log_every_steps = 100
+  config.sample_every_steps = 1000
+  config.checkpoint_every_steps = 1000
+
+  if variant == 'demo':
+    config.vqvae_workdir = 'runs/demo/vqvae'
+    config.generator_width = 32
+    config.discriminator_width = 32
+    config.batch_size = 32
+    config.learning_rate = 5e-4
+    config.num_train_steps = 600
+    config.log_every_steps = 50
+    config.sample_every_steps = 200
+    config.checkpoint_every_steps = 100
+  elif variant == 'tiny':
+    config.generator_width = 8
+    config.discriminator_width = 8
+    config.latent_dim = 16
+    config.batch_size = 8
+    config.learning_rate = 1e-3
+    config.num_train_steps = 20
+    config.log_every_steps = 10
+    config.sample_every_steps = 10
+    config.checkpoint_every_steps = 10
+  elif variant != 'default':
+    raise ValueError(f'unknown variant {variant!r} of configs/gan.py: expected default, demo or tiny')
+  return config

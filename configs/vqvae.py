@@ -1,0 +1,73 @@
+"""Stage-1 (VQ-VAE) recipes: `--config=configs/vqvae.py[:default|:demo|:tiny]`, fields overridable as --config.X=...
+
+default: the seed's recipe for OASIS on an accelerator (Adam 1e-3, batch 32, 4 epochs, K=512, D=64, 64x64 codes).
+demo:    what `make demo` runs on a 2-core CPU in about 5 minutes (narrower, K=64, 256x256 slices -> 32x32 codes).
+tiny:    seconds, for tests (64x64 images, few channels).
+"""
+import ml_collections
+
+
+def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Data: `demo` needs no download; `oasis_png` / `oasis_volumes` read config.data_dir (see README).
+  config.dataset = 'demo'
+  config.data_dir = ''
+  config.cache_dir = ''          # '' = $OASIS_JAX_CACHE or ~/.cache/oasis_jax
+  config.image_size = 256
+  # Model.
+  config.num_hiddens = 128
+  config.num_residual_layers = 2
+  config.num_residual_hiddens = 32
+  config.embedding_dim = 64
+  config.num_embeddings = 512
+  config.num_downsamples = 2
+  config.upsample = 'subpixel'   # or 'transpose' (the seed's stride-2 transposed convs)
+  config.dtype = 'float32'       # or 'bfloat16' compute (params and quantiser stay float32)
+  # Quantiser (Sonnet VectorQuantizerEMA).
+  config.commitment_cost = 0.25
+  config.ema_decay = 0.99
+  config.ema_epsilon = 1e-5
+  config.dead_code_fraction = 0.03  # restart codes used < 3 % of the uniform share
+  # Optimisation.
+  config.seed = 0
+  config.batch_size = 32
+  config.learning_rate = 1e-3
+  config.num_epochs = 4
+  config.num_train_steps = -1    # > 0 overrides num_epochs
+  # Bookkeeping.
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
+  config.max_eval_images = -1    # -1: the whole validation split at each evaluation
+
+  if variant == 'demo':          # ~1 step/s on a 2-core CPU: 32x32 code maps, narrow layers, batch 8
+    config.num_downsamples = 3
+    config.num_hiddens = 64
+    config.num_residual_hiddens = 32
+    config.num_residual_layers = 1
+    config.embedding_dim = 16
+    config.num_embeddings = 64
+    config.batch_size = 8
+    config.learning_rate = 2e-3
+    config.num_epochs = 0
+    config.num_train_steps = 300
+    config.log_every_steps = 25
+    config.eval_every_steps = 100
+    config.checkpoint_every_steps = 50
+  elif variant == 'tiny':
+    config.image_size = 64
+    config.num_hiddens = 16
+    config.num_residual_hiddens = 8
+    config.num_residual_layers = 1
+    config.embedding_dim = 8
+    config.num_embeddings = 32
+    config.batch_size = 8
+    config.learning_rate = 3e-3
+    config.num_epochs = 0
+    config.num_train_steps = 30
+    config.log_every_steps = 10
+    config.eval_every_steps = 15
+    config.checkpoint_every_steps = 10
+  elif variant != 'default':
+    raise ValueError(f'unknown variant {variant!r} of configs/vqvae.py: expected default, demo or tiny')
+  return config

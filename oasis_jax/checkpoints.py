@@ -1,0 +1,122 @@
+"""The workdir layout, in one place, and orbax checkpoints.
+
+    WORKDIR/config.json          {"stage": "vqvae" | "gan", "config": {...}}: the run's ConfigDict
+    WORKDIR/checkpoints/<step>/  latest checkpoints (orbax, atomic): train state + data iterator state
+    WORKDIR/best/<step>/         the best checkpoint by validation metric (stage 1: SSIM)
+    WORKDIR/tensorboard/         TensorBoard event files
+    WORKDIR/images/              image grids written during training and evaluation
+    WORKDIR/eval_<split>.json    what `python -m oasis_jax.evaluate` measured
+
+Checkpoints hold unreplicated host arrays, so a run can resume on a different number of devices.
+`load_stage1(workdir)` is the only way anything outside stage-1 training loads stage 1.
+"""
+import json
+import os
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from oasis_jax import parallel
+from oasis_jax.errors import UserError
+
+CONFIG_FILE = 'config.json'
+
+
+def path(workdir: str, *parts: str) -> str:
+  return os.path.join(os.path.abspath(workdir), *parts)
+
+
+def read_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
+  """(stage, config) saved by a training run in workdir."""
+  file = path(workdir, CONFIG_FILE)
+  if not os.path.exists(file):
+    raise UserError(f'{workdir}: not a training workdir (no {CONFIG_FILE}; train it first)')
+  with open(file) as f:
+    saved = json.load(f)
+  return saved['stage'], ml_collections.ConfigDict(saved['config'])
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict, stage: str,
+                 must_match: tuple[str, ...] = ()) -> None:
+  """Saves the run's config; refuses a workdir of the other stage, or one whose `must_match` fields differ."""
+  if os.path.exists(path(workdir, CONFIG_FILE)):
+    saved_stage, saved = read_config(workdir)
+    if saved_stage != stage:
+      raise UserError(f'{workdir}: holds a {saved_stage} run, not a {stage} run: use another --workdir')
+    for field in must_match:
+      if field in saved and saved[field] != config[field]:
+        raise UserError(f'config.{field}={config[field]!r} differs from {saved[field]!r} of the run in {workdir}: '
+                        'use another --workdir to start a new run')
+  if parallel.is_main_process():
+    os.makedirs(path(workdir), exist_ok=True)
+    tmp = path(workdir, CONFIG_FILE + '.tmp')
+    with open(tmp, 'w') as f:
+      json.dump({'stage': stage, 'config': config.to_dict()}, f, indent=2, sort_keys=True)
+    os.replace(tmp, path(workdir, CONFIG_FILE))
+
+
+class Checkpoints:
+  """Latest checkpoints (for resume) and the best one (by a validation metric) of a training run."""
+
+  def __init__(self, workdir: str, best_metric: str, keep: int = 2):
+    self.best_metric = best_metric
+    self.latest = ocp.CheckpointManager(path(workdir, 'checkpoints'),
+                                        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.best = ocp.CheckpointManager(
+        path(workdir, 'best'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m[best_metric],
+                                             best_mode='max'))
+
+  def save(self, step: int, state, data_state: dict, metrics: dict | None = None) -> None:
+    """Saves the (unreplicated) state and the data iterator state; also as best when metrics improve on it."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    if step not in self.latest.all_steps():
+      self.latest.save(step, args=args)
+    if metrics is not None and step not in self.best.all_steps():
+      self.best.save(step, args=args, metrics={self.best_metric: float(metrics[self.best_metric])})
+
+  def latest_step(self):
+    return self.latest.latest_step()
+
+  def restore_latest(self, abstract_state):
+    """(state, data_state) of the latest complete checkpoint, or None when there is none."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    restored = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored['state'], restored['data']
+
+  def close(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+    self.latest.close()
+    self.best.close()
+
+
+def restore_raw(directory: str, what: str):
+  """The `state` item of the newest checkpoint in directory, as nested dicts of arrays (no target needed)."""
+  if not os.path.isdir(directory):
+    raise UserError(f'{directory}: no {what} checkpoints (train it first)')
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step()
+  if step is None:
+    raise UserError(f'{directory}: no complete {what} checkpoint (train it first)')
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  return restored['state'], step
+
+
+def load_stage1(workdir: str):
+  """(model, variables {'params', 'vq'}, config) of a stage-1 run: its best checkpoint, else its latest."""
+  from oasis_jax import vqvae  # the model module is only needed here
+  if not os.path.isdir(path(workdir)):
+    raise UserError(f'{workdir}: stage-1 workdir does not exist (config.vqvae_workdir)')
+  stage, config = read_config(workdir)
+  if stage != 'vqvae':
+    raise UserError(f'{workdir}: holds a {stage} run, expected a stage-1 (vqvae) workdir')
+  directory = path(workdir, 'best')
+  if not (os.path.isdir(directory) and ocp.CheckpointManager(directory).latest_step() is not None):
+    directory = path(workdir, 'checkpoints')
+  state, _ = restore_raw(directory, 'stage-1')
+  return vqvae.model_from_config(config), {'params': state['params'], 'vq': state['vq']}, config

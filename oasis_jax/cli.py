@@ -1,0 +1,36 @@
+"""The boundary between the top-level scripts and the package: user errors become one line and exit status 1."""
+import os
+import sys
+
+from absl import logging
+
+from oasis_jax.errors import UserError
+
+
+def run(main):
+  """Wraps an absl main: a UserError (or a bad config field) prints one line on stderr, no traceback."""
+
+  def wrapped(argv):
+    logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax, TFDS) hides the progress lines
+    enable_compilation_cache()
+    try:
+      return main(argv)
+    except UserError as error:
+      sys.exit(f'error: {error}')
+  return wrapped
+
+
+def enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache under the oasis_jax cache dir: later runs skip most XLA compiles."""
+  import jax
+  from oasis_jax.tfds_oasis import default_cache_dir
+  jax.config.update('jax_compilation_cache_dir', os.path.join(default_cache_dir(), 'jax_compilation_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+
+
+def check_workdir(workdir: str, flag: str = '--workdir') -> str:
+  if not workdir:
+    raise UserError(f'{flag} is required: the directory for checkpoints, logs and images')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'{workdir}: {flag} exists and is not a directory')
+  return workdir

@@ -1,0 +1,74 @@
+"""Stage 2 model: a DCGAN (Radford et al. 2015) over stage 1's discrete code maps.
+
+Codes are categorical, not intensities. The generator maps z ~ N(0, I) (dim 100) to per-position logits over the K
+codes, [N, s, s, K]. For the discriminator these become codes through a straight-through Gumbel-softmax: the forward
+pass uses the one-hot of argmax(logits + Gumbel noise) (a valid code map), the backward pass the gradient of
+softmax((logits + g) / tau). The discriminator sees codebook embeddings: one-hot codes @ the frozen stage-1 codebook,
+[N, s, s, D]; real code maps of training slices are embedded the same way. Sampling takes argmax(logits), so every
+generated code is an index in [0, K) that stage 1's decoder can render.
+
+Generator: dense to 4x4 x (width * 2^(L-1)), then L = log2(s / 4) x2 upsamplings (sub-pixel convs, or the DCGAN
+paper's 4x4 stride-2 transposed convs), each followed by batch norm (statistics averaged over devices under pmap) and
+ReLU, and a 3x3 conv to K logits. Discriminator: 4x4 stride-2 convs with LeakyReLU(0.2) down to 4x4, then a dense
+logit; no batch norm in the discriminator (it would mix real and generated statistics).
+"""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from oasis_jax.vqvae import Upsample
+
+
+class Generator(nn.Module):
+  code_size: int            # s: the code map is s x s
+  num_embeddings: int       # K
+  width: int = 64
+  upsample: str = 'subpixel'
+  axis_name: Any = None     # set to the pmap axis to average batch-norm statistics over devices
+
+  @nn.compact
+  def __call__(self, z, train: bool = True):
+    levels = int(math.log2(self.code_size // 4))
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=self.axis_name if train else None)
+    x = nn.Dense(4 * 4 * self.width * 2 ** levels)(z).reshape(z.shape[0], 4, 4, self.width * 2 ** levels)
+    x = nn.relu(norm()(x))
+    for level in range(levels):
+      x = Upsample(self.width * 2 ** (levels - level - 1), self.upsample)(x)
+      x = nn.relu(norm()(x))
+    return nn.Conv(self.num_embeddings, (3, 3))(x)
+
+
+class Discriminator(nn.Module):
+  code_size: int
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, embeddings):
+    x = embeddings
+    for level in range(int(math.log2(self.code_size // 4))):
+      x = nn.leaky_relu(nn.Conv(self.width * 2 ** level, (4, 4), strides=(2, 2))(x), 0.2)
+    return nn.Dense(1)(x.reshape(x.shape[0], -1))[:, 0]
+
+
+def gumbel_straight_through(logits, gumbel_noise, temperature: float):
+  """One-hot codes forward, softmax((logits + g) / tau) gradients backward, g the given Gumbel(0, 1) noise.
+
+  Returns (one_hot, codes)."""
+  noisy = logits + gumbel_noise
+  soft = jax.nn.softmax(noisy / temperature, axis=-1)
+  codes = jnp.argmax(noisy, axis=-1)
+  hard = jax.nn.one_hot(codes, logits.shape[-1], dtype=logits.dtype)
+  return hard + soft - jax.lax.stop_gradient(soft), codes
+
+
+def embed(one_hot, codebook):
+  """(Relaxed) one-hot codes [N, s, s, K] -> codebook embeddings [N, s, s, D]."""
+  return one_hot @ codebook
+
+
+def sample_codes(logits):
+  """The code map a generator's logits stand for: argmax over K, always a valid index in [0, K)."""
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)

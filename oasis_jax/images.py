@@ -1,0 +1,30 @@
+"""Writing images: float arrays in [0, 1] to 8-bit grayscale PNGs and grids."""
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images) -> np.ndarray:
+  return np.round(np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def grid(images, columns: int = 8, pad: int = 2) -> np.ndarray:
+  """[N, H, W(, 1)] in [0, 1] -> one uint8 [rows*(H+pad)-pad, columns*(W+pad)-pad] mosaic."""
+  images = to_uint8(images).reshape(len(images), images.shape[1], images.shape[2])
+  n, h, w = images.shape
+  columns = min(columns, n)
+  rows = -(-n // columns)
+  out = np.zeros((rows * (h + pad) - pad, columns * (w + pad) - pad), np.uint8)
+  for i, image in enumerate(images):
+    r, c = divmod(i, columns)
+    out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = image
+  return out
+
+
+def save_png(array_uint8: np.ndarray, file: str) -> None:
+  """Writes atomically (temporary file + rename), so a killed run never leaves a half-written PNG."""
+  os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+  tmp = file + '.tmp'
+  Image.fromarray(np.asarray(array_uint8).squeeze()).save(tmp, format='PNG')
+  os.replace(tmp, file)

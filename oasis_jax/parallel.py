@@ -1,0 +1,36 @@
+"""Device plumbing, in one place: the pmap axis name, replicate/unreplicate, process-0-only writes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+AXIS = 'batch'  # the pmap axis over local devices (and, with jax.distributed, over processes)
+
+
+def replicate(tree):
+  """A copy of every leaf per local device (leading axis = local devices), as pmap takes it."""
+  count = jax.local_device_count()
+  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count,) + np.shape(x)), jax.device_get(tree))
+
+
+def unreplicate(tree):
+  """The first replica of every leaf, fetched to host numpy arrays."""
+  return jax.tree.map(lambda x: x[0], jax.device_get(tree))  # fetch, then index: no per-leaf device op
+
+
+def is_main_process() -> bool:
+  """Only process 0 writes checkpoints, logs, TensorBoard events and images."""
+  return jax.process_index() == 0
+
+
+def global_row_sample(vectors, key, count: int):
+  """`count` rows drawn uniformly from the global batch (all devices' `vectors` [n, D] stacked in device order).
+
+  Called inside pmap: every replica gets the same rows, and 1 device holding the whole batch draws the same rows
+  as 2 devices holding halves of it.
+  """
+  local = vectors.shape[0]
+  devices = jax.lax.psum(1, AXIS)
+  rows = jax.random.randint(key, (count,), 0, local * devices) - jax.lax.axis_index(AXIS) * local
+  mine = (rows >= 0) & (rows < local)
+  picked = vectors[jnp.clip(rows, 0, local - 1)]
+  return jax.lax.psum(jnp.where(mine[:, None], picked, 0.0), AXIS)

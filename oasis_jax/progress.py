@@ -1,0 +1,46 @@
+"""Progress on the terminal (step, metrics, steps/s, ETA) and TensorBoard events, from process 0 only."""
+import os
+import sys
+import time
+
+import numpy as np
+
+from oasis_jax import parallel
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+class Progress:
+  """`report(step, metrics)` prints one line and writes scalars; `images(step, tag, grid)` writes a picture."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int, name: str):
+    self.total, self.name = total_steps, name
+    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.writer = None
+    if parallel.is_main_process():
+      from tensorboardX import SummaryWriter  # no TensorFlow needed
+      self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def report(self, step: int, metrics: dict, prefix: str = 'train') -> None:
+    now = time.perf_counter()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    if self.writer is None:
+      return
+    for key, value in metrics.items():
+      self.writer.add_scalar(f'{prefix}/{key}', float(value), step)
+    shown = '  '.join(f'{k} {float(v):.4g}' for k, v in metrics.items())
+    timing = f'  {rate:.2f} steps/s  ETA {_duration((self.total - step) / rate)}' if rate > 0 and prefix == 'train' else ''
+    print(f'[{self.name}] step {step}/{self.total}  {prefix}: {shown}{timing}', flush=True)
+
+  def image(self, step: int, tag: str, grid_uint8: np.ndarray) -> None:
+    if self.writer is not None:
+      self.writer.add_image(tag, grid_uint8[None], step, dataformats='CHW')
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+    sys.stdout.flush()

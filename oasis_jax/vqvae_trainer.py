@@ -1,0 +1,196 @@
+"""Stage-1 training: `train_and_evaluate(config, workdir)`, pmapped train/eval steps, resume from checkpoints."""
+import functools
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from oasis_jax import checkpoints, images, input_pipeline, metrics, parallel, progress, tfds_oasis, vqvae
+from oasis_jax.errors import UserError
+
+STAGE = 'vqvae'
+# Fields that define the model and its data: a resumed run must have the same ones.
+MODEL_FIELDS = ('image_size', 'num_hiddens', 'num_residual_layers', 'num_residual_hiddens', 'embedding_dim',
+                'num_embeddings', 'num_downsamples', 'upsample')
+
+
+class TrainState(train_state.TrainState):
+  vq: Any  # the codebook state (vqvae.VQ collection): updated by EMA, not by the optimiser
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """One clear line for values that cannot work."""
+  if config.num_embeddings < 2:
+    raise UserError(f'config.num_embeddings={config.num_embeddings}: expected at least 2 codes')
+  for field in ('num_hiddens', 'embedding_dim', 'num_residual_hiddens', 'num_downsamples'):
+    if config[field] <= 0:
+      raise UserError(f'config.{field}={config[field]}: expected a positive number')
+  if config.image_size % 2 ** config.num_downsamples:
+    raise UserError(f'config.image_size={config.image_size}: expected a multiple of 2**num_downsamples')
+  if not 0 < config.ema_decay < 1:
+    raise UserError(f'config.ema_decay={config.ema_decay}: expected a value in (0, 1)')
+  if config.learning_rate <= 0:
+    raise UserError(f'config.learning_rate={config.learning_rate}: expected a positive number')
+  if config.upsample not in ('subpixel', 'transpose'):
+    raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
+  if config.dtype not in ('float32', 'bfloat16'):
+    raise UserError(f'config.dtype={config.dtype!r}: expected float32 or bfloat16')
+
+
+def create_state(config, key) -> TrainState:
+  """The initial state: model parameters, codebook state and Adam state (one compiled computation)."""
+  model = vqvae.model_from_config(config)
+
+  def create(key):
+    variables = model.init(key, jnp.zeros((1, config.image_size, config.image_size, 1), jnp.float32))
+    return TrainState.create(apply_fn=model.apply, params=variables['params'], vq=variables[vqvae.VQ],
+                             tx=optax.adam(config.learning_rate))
+  return jax.jit(create)(key)
+
+
+def train_step(state: TrainState, batch, key, *, config, data_variance: float):
+  """One step on this device's shard of the global batch; gradients are pmean-ed and code statistics psum-ed."""
+
+  def loss_fn(params):
+    reconstruction, z, quantized, codes = state.apply_fn({'params': params, vqvae.VQ: state.vq}, batch)
+    reconstruction_loss = jnp.mean((reconstruction - batch) ** 2) / data_variance
+    commitment_loss = jnp.mean((z - jax.lax.stop_gradient(quantized)) ** 2)
+    return reconstruction_loss + config.commitment_cost * commitment_loss, (reconstruction_loss, commitment_loss, z, codes)
+
+  (loss, (reconstruction_loss, commitment_loss, z, codes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  grads = jax.lax.pmean(grads, parallel.AXIS)
+  vectors = z.reshape(-1, z.shape[-1])
+  counts, sums = vqvae.code_statistics(codes.reshape(-1), vectors, config.num_embeddings)
+  counts, sums = jax.lax.psum((counts, sums), parallel.AXIS)
+  vq = vqvae.ema_update(state.vq, counts, sums, config.ema_decay, config.ema_epsilon)
+  candidates = parallel.global_row_sample(vectors, key, config.num_embeddings)
+  vq, restarted = vqvae.restart_dead_codes(vq, candidates, config.ema_decay, config.dead_code_fraction)
+  state = state.apply_gradients(grads=grads).replace(vq=vq)
+  step_metrics = jax.lax.pmean({'loss': loss, 'reconstruction': reconstruction_loss, 'commitment': commitment_loss},
+                               parallel.AXIS)
+  step_metrics.update(perplexity=vqvae.perplexity(counts), codes_used=jnp.sum(counts > 0), restarted=restarted)
+  return state, step_metrics
+
+
+def make_eval_step(model: vqvae.VQVAE, num_embeddings: int):
+  """pmapped: per-image SSIM/PSNR, and the code counts of the real (mask) rows summed over devices."""
+
+  def step(variables, batch, mask):
+    reconstruction, _, _, codes = model.apply(variables, batch)
+    weights = mask[:, None, None].astype(jnp.float32) * jnp.ones(codes.shape, jnp.float32)
+    counts = jax.nn.one_hot(codes, num_embeddings).reshape(-1, num_embeddings).T @ weights.reshape(-1)
+    return {'ssim': metrics.ssim(reconstruction, batch), 'psnr': metrics.psnr(reconstruction, batch),
+            'counts': jax.lax.psum(counts, parallel.AXIS), 'reconstruction': jnp.clip(reconstruction, 0, 1)}
+  return jax.pmap(step, axis_name=parallel.AXIS)
+
+
+def evaluate_split(p_eval_step, p_variables, source, sharding, max_images: int = -1):
+  """SSIM, PSNR, perplexity and codes used over a split; plus the first batch's images and reconstructions."""
+  ssims, psnrs, counts, first = [], [], 0.0, None
+  seen = 0
+  for batch, mask in input_pipeline.eval_batches(source, sharding):
+    out = jax.device_get(p_eval_step(p_variables, batch, mask))
+    ssims.append(out['ssim'][mask])
+    psnrs.append(out['psnr'][mask])
+    counts = counts + out['counts'][0]
+    if first is None:
+      first = (batch[mask], out['reconstruction'][mask])
+    seen += int(mask.sum())
+    if 0 < max_images <= seen:
+      break
+  counts = np.asarray(counts)
+  result = {'ssim': float(np.mean(np.concatenate(ssims))), 'psnr': float(np.mean(np.concatenate(psnrs))),
+            'perplexity': float(vqvae.perplexity(jnp.asarray(counts))), 'codes_used': int((counts > 0).sum()),
+            'images': seen}
+  return result, first
+
+
+def comparison_grid(originals, reconstructions, count: int = 8):
+  """Rows of originals over their reconstructions."""
+  count = min(count, len(originals))
+  return images.grid(np.concatenate([originals[:count], reconstructions[:count]]), columns=count)
+
+
+def data_variance(source, image_size: int, sample: int = 512) -> float:
+  """Variance of training pixel values in [0, 1] over up to `sample` evenly spaced slices (the seed's normaliser)."""
+  rows = np.linspace(0, len(source) - 1, min(sample, len(source))).astype(int)
+  sharding = input_pipeline.Sharding(len(rows), image_size=image_size)
+  batch = input_pipeline.to_device_batch(np.stack([r['image'] for r in source.__getitems__(list(rows))]), sharding)
+  return float(np.var(batch))
+
+
+def num_steps(config, train_size: int) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  steps = config.num_epochs * train_size // config.batch_size
+  if steps <= 0:
+    raise UserError(f'config.num_epochs={config.num_epochs}, config.num_train_steps={config.num_train_steps}: '
+                    'expected a positive number of steps')
+  return steps
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains stage 1 in workdir (resuming from its latest checkpoint) and returns the last validation metrics."""
+  check_config(config)
+  sharding = input_pipeline.current_sharding(config.batch_size, config.image_size)
+  checkpoints.write_config(workdir, config, STAGE, must_match=MODEL_FIELDS + ('dataset', 'batch_size', 'seed'))
+  builder = tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir)
+  train_source, validate_source = builder.as_data_source('train'), builder.as_data_source('validate')
+  total_steps = num_steps(config, len(train_source))
+  variance = data_variance(train_source, config.image_size)
+
+  state = create_state(config, jax.random.key(config.seed))
+  iterator = input_pipeline.train_iterator(train_source, sharding, config.seed)
+  store = checkpoints.Checkpoints(workdir, best_metric='ssim')
+  restored = store.restore_latest(jax.device_get(state))
+  if restored is not None:
+    state, data_state = restored
+    iterator.set_state(data_state)
+    print(f'[vqvae] resuming {workdir} from step {int(state.step)}', flush=True)
+  start_step = int(state.step)
+  model = vqvae.model_from_config(config)
+  p_state = parallel.replicate(state)
+  p_train_step = jax.pmap(functools.partial(train_step, config=config, data_variance=variance),
+                          axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None))
+  p_eval_step = make_eval_step(model, config.num_embeddings)
+  log = progress.Progress(workdir, total_steps, start_step, 'vqvae')
+  print(f'[vqvae] {total_steps} steps, global batch {config.batch_size} on {jax.device_count()} device(s), '
+        f'{len(train_source)} train slices, data variance {variance:.4f}', flush=True)
+  base_key = jax.random.key(config.seed + 1)
+  validation = {}
+  history = []
+  for step in range(start_step + 1, total_steps + 1):
+    batch = next(iterator)
+    p_state, step_metrics = p_train_step(p_state, batch, jax.random.fold_in(base_key, step))
+    history.append(step_metrics)
+    is_last = step == total_steps
+    if step % config.log_every_steps == 0 or is_last:
+      summary = {k: float(np.mean([m[k][0] for m in jax.device_get(history)])) for k in history[0]}
+      history = []
+      if not np.isfinite(summary['loss']):
+        store.close()
+        raise UserError(f'non-finite loss {summary["loss"]} at step {step}: stopped; the last good checkpoint '
+                        f'(step {store.latest_step()}) is kept. Try a lower config.learning_rate')
+      log.report(step, summary)
+    do_eval = step % config.eval_every_steps == 0 or is_last
+    if do_eval:
+      p_variables = {'params': p_state.params, vqvae.VQ: p_state.vq}
+      validation, (originals, reconstructions) = evaluate_split(p_eval_step, p_variables, validate_source, sharding,
+                                                                config.max_eval_images)
+      log.report(step, {k: v for k, v in validation.items() if k != 'images'}, prefix='validate')
+      grid = comparison_grid(originals, reconstructions)
+      log.image(step, 'validate/originals_over_reconstructions', grid)
+      if parallel.is_main_process():
+        images.save_png(grid, checkpoints.path(workdir, 'images', f'reconstructions_{step:06d}.png'))
+    if step % config.checkpoint_every_steps == 0 or do_eval:
+      store.save(step, parallel.unreplicate(p_state), iterator.get_state(), validation if do_eval else None)
+  store.close()
+  log.close()
+  return validation

@@ -1,0 +1,26 @@
+"""Write new brain slices: python sample.py --num=64 [--workdir=DIR] [--outdir=DIR] [--seed=S]"""
+import os
+
+from absl import app, flags
+
+from oasis_jax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('num', 64, 'How many samples to write.')
+flags.DEFINE_string('workdir', 'runs/demo/gan', 'The stage-2 (train_gan.py) workdir.')
+flags.DEFINE_string('outdir', None, 'Where the PNGs go (default: WORKDIR/samples).')
+flags.DEFINE_integer('seed', 0, 'Random seed: the same seed gives the same images.')
+
+
+@cli.run
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from oasis_jax import sampling
+  outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, 'samples')
+  files = sampling.write_samples(FLAGS.workdir, outdir, FLAGS.num, FLAGS.seed)
+  print(f'wrote {len(files)} samples and grid.png to {outdir}', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

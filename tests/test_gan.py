@@ -1,0 +1,129 @@
+"""Stage 2: the discrete relaxation, pmap equivalence, stage-1 restore, and the chain train_gan.py -> sample.py."""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import gan as gan_configs
+from configs import vqvae as vqvae_configs
+from conftest import run_cli
+from oasis_jax import checkpoints, dcgan, gan_trainer, parallel, sampling, vqvae
+
+
+def test_gumbel_straight_through_is_one_hot_forward_and_softmax_backward():
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 5)), jnp.float32)
+  noise = jax.random.gumbel(jax.random.key(1), logits.shape)
+  one_hot, codes = dcgan.gumbel_straight_through(logits, noise, 0.7)
+  np.testing.assert_allclose(one_hot, jax.nn.one_hot(codes, 5), atol=1e-6)
+  assert codes.min() >= 0 and codes.max() < 5
+  weights = jnp.arange(5.0)
+  grad = jax.grad(lambda l: jnp.sum(dcgan.gumbel_straight_through(l, noise, 0.7)[0] * weights))(logits)
+  expected = jax.grad(lambda l: jnp.sum(jax.nn.softmax((l + noise) / 0.7) * weights))(logits)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(grad).max()) > 0  # gradients reach the generator despite the argmax
+
+
+def test_generator_codes_are_valid_indices_for_any_input():
+  stage1 = vqvae_configs.get_config('tiny')
+  config = gan_configs.get_config('tiny')
+  generator, discriminator = gan_trainer.make_models(config, stage1)
+  g_vars = generator.init(jax.random.key(0), jnp.zeros((2, config.latent_dim)), train=False)
+  z = 100.0 * jax.random.normal(jax.random.key(1), (4, config.latent_dim))   # far outside the training range
+  logits = generator.apply(g_vars, z, train=False)
+  codes = dcgan.sample_codes(logits)
+  assert logits.shape == (4, 16, 16, 32) and codes.dtype == jnp.int32
+  assert int(codes.min()) >= 0 and int(codes.max()) < 32
+  d_vars = discriminator.init(jax.random.key(2), jnp.zeros((1, 16, 16, 8)))
+  assert discriminator.apply(d_vars, jnp.zeros((3, 16, 16, 8))).shape == (3,)
+
+
+def test_two_device_gan_step_equals_one_device_step():
+  stage1 = vqvae_configs.get_config('tiny')
+  config = gan_configs.get_config('tiny')
+  states = jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0)))
+  codebook = jax.random.normal(jax.random.key(1), (32, 8))
+  real = np.asarray(jax.random.randint(jax.random.key(2), (8, 16, 16), 0, 32))
+  generator, discriminator = gan_trainer.make_models(config, stage1, axis_name=parallel.AXIS)
+  step = functools.partial(gan_trainer.train_step, config=config, generator=generator, discriminator=discriminator)
+  results = []
+  for devices in (jax.local_devices()[:1], jax.local_devices()[:2]):
+    n = len(devices)
+    p_step = jax.pmap(step, axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=devices)
+    replicated = jax.tree.map(lambda x: np.broadcast_to(x, (n,) + np.shape(x)), states)
+    new_states, step_metrics = p_step(replicated, real.reshape(n, 8 // n, 16, 16), jax.random.key(3), codebook)
+    new_states = jax.device_get(new_states)
+    for leaf in jax.tree.leaves(new_states):
+      np.testing.assert_array_equal(leaf[0], leaf[-1])   # replicas agree: gradients and BN statistics averaged
+    results.append((jax.tree.map(lambda x: x[0], new_states), jax.device_get(step_metrics)))
+  (one, one_metrics), (two, two_metrics) = results
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(one_metrics['g_loss'][0], two_metrics['g_loss'][0], rtol=1e-5)
+  assert int(one_metrics['codes_used'][0]) == int(two_metrics['codes_used'][0])
+
+
+@pytest.fixture(scope='module')
+def tiny_chain(tiny_stage1, tmp_path_factory, cache_dir):
+  workdir = str(tmp_path_factory.mktemp('gan') / 'run')
+  log = run_cli('train_gan.py', '--config=configs/gan.py:tiny', f'--workdir={workdir}',
+                f'--config.vqvae_workdir={tiny_stage1["whole"]}')
+  return {'stage1': tiny_stage1['whole'], 'gan': workdir, 'log': log}
+
+
+def test_train_gan_logs_and_checkpoints(tiny_chain):
+  assert 'step 20/20' in tiny_chain['log'].stdout and 'code_kl' in tiny_chain['log'].stdout
+  assert sorted(os.listdir(os.path.join(tiny_chain['gan'], 'checkpoints'))) == ['10', '20']
+  assert os.path.exists(os.path.join(tiny_chain['gan'], 'images', 'samples_000020.png'))
+
+
+def test_sample_cli_writes_pngs_deterministically(tiny_chain, tmp_path):
+  for name, seed in (('a', 5), ('b', 5), ('c', 6)):
+    result = run_cli('sample.py', '--num=3', f'--workdir={tiny_chain["gan"]}', f'--outdir={tmp_path / name}',
+                     f'--seed={seed}')
+    assert 'wrote 3 samples' in result.stdout
+  files = sorted(os.listdir(tmp_path / 'a'))
+  assert files == ['grid.png', 'sample_0000.png', 'sample_0001.png', 'sample_0002.png']
+  read = lambda name, file: np.asarray(Image.open(tmp_path / name / file))
+  image = Image.open(tmp_path / 'a' / 'sample_0001.png')
+  assert image.mode == 'L' and image.size == (64, 64)
+  np.testing.assert_array_equal(read('a', 'sample_0002.png'), read('b', 'sample_0002.png'))
+  assert not np.array_equal(read('a', 'sample_0002.png'), read('c', 'sample_0002.png'))
+
+
+def test_samples_are_decoded_by_the_restored_stage1(tiny_chain):
+  sample, g_variables, stage1_variables, config = sampling.load_generator(tiny_chain['gan'])
+  z = jax.random.normal(jax.random.key(0), (2, config.latent_dim))
+  images, codes = sample(g_variables, stage1_variables, z)
+  model, variables, _ = checkpoints.load_stage1(tiny_chain['stage1'])
+  best, _ = checkpoints.restore_raw(os.path.join(tiny_chain['stage1'], 'best'), 'stage-1')
+  direct = model.apply({'params': best['params'], 'vq': best['vq']}, codes, method=vqvae.VQVAE.decode_codes)
+  np.testing.assert_allclose(images, np.clip(direct, 0, 1), atol=1e-6)
+  assert int(codes.max()) < 32 and int(codes.min()) >= 0
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--num=0'], 'error: --num=0: expected a positive number of samples'),
+    (['--num=-3'], 'error: --num=-3: expected a positive number of samples'),
+    (['--workdir=/nonexistent/gan'], 'error: /nonexistent/gan: stage-2 workdir does not exist'),
+    (['--outdir=/proc/oasis_samples'], 'error: /proc/oasis_samples: cannot write samples there'),
+])
+def test_sample_cli_bad_input_is_one_line(tiny_chain, args, message):
+  result = run_cli('sample.py', f'--workdir={tiny_chain["gan"]}', *args, check=False)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_train_gan_needs_a_stage1_workdir(tmp_path, tiny_chain):
+  missing = run_cli('train_gan.py', '--config=configs/gan.py:tiny', f'--workdir={tmp_path}/g',
+                    '--config.vqvae_workdir=/nonexistent/stage1', check=False)
+  assert missing.returncode == 1 and 'Traceback' not in missing.stderr
+  assert missing.stderr.strip().splitlines()[-1] == \
+      'error: /nonexistent/stage1: stage-1 workdir does not exist (config.vqvae_workdir)'
+  other = run_cli('train_gan.py', '--config=configs/gan.py:tiny', f'--workdir={tmp_path}/g',
+                  f'--config.vqvae_workdir={tiny_chain["gan"]}', check=False)
+  assert other.returncode == 1
+  assert other.stderr.strip().splitlines()[-1].endswith('holds a gan run, expected a stage-1 (vqvae) workdir')

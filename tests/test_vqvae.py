@@ -1,0 +1,189 @@
+"""Stage 1: the EMA quantiser against NumPy, straight-through gradients, pmap equivalence, checkpoints, the CLI."""
+import functools
+import json
+import os
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import run_cli, train_losses
+from configs import vqvae as vqvae_configs
+from oasis_jax import checkpoints, input_pipeline, parallel, tfds_oasis, vqvae, vqvae_trainer
+
+
+def numpy_ema_update(state, counts, sums, decay, epsilon):
+  """Sonnet's VectorQuantizerEMA update, written out in float64."""
+  steps = state['ema_steps'] + 1
+  hidden_counts = decay * state['ema_counts'] + (1 - decay) * counts
+  hidden_sums = decay * state['ema_sums'] + (1 - decay) * sums
+  n = hidden_counts / (1 - decay ** steps)
+  m = hidden_sums / (1 - decay ** steps)
+  smoothed = (n + epsilon) / (n.sum() + len(n) * epsilon) * n.sum()
+  return m / smoothed[:, None], hidden_counts, hidden_sums
+
+
+def test_ema_update_equals_its_formula():
+  rng = np.random.default_rng(0)
+  k, d = 16, 4
+  state = {'codebook': rng.normal(size=(k, d)), 'ema_counts': rng.uniform(0, 5, k), 'ema_sums': rng.normal(size=(k, d)),
+           'ema_steps': np.int32(3)}
+  counts = rng.integers(0, 6, k).astype(np.float64)
+  counts[2] = 0
+  sums = rng.normal(size=(k, d))
+  new = vqvae.ema_update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), state), jnp.asarray(counts, jnp.float32),
+                         jnp.asarray(sums, jnp.float32), 0.99, 1e-5)
+  codebook, hidden_counts, hidden_sums = numpy_ema_update(state, counts, sums, 0.99, 1e-5)
+  np.testing.assert_allclose(new['codebook'], codebook, rtol=2e-4, atol=1e-5)
+  np.testing.assert_allclose(new['ema_counts'], hidden_counts, rtol=1e-5)
+  np.testing.assert_allclose(new['ema_sums'], hidden_sums, rtol=1e-5, atol=1e-6)
+  assert int(new['ema_steps']) == 4
+
+
+def test_first_ema_step_is_debiased_to_the_batch_means():
+  k, d = 4, 2
+  state = {'codebook': jnp.zeros((k, d)), 'ema_counts': jnp.zeros(k), 'ema_sums': jnp.zeros((k, d)),
+           'ema_steps': jnp.int32(0)}
+  vectors = jnp.array([[1., 2.], [3., 4.], [10., 10.]])
+  counts, sums = vqvae.code_statistics(jnp.array([0, 0, 3]), vectors, k)
+  new = vqvae.ema_update(state, counts, sums, 0.99, 1e-8)
+  np.testing.assert_allclose(new['codebook'][0], [2., 3.], rtol=1e-4)   # mean of the vectors given to code 0
+  np.testing.assert_allclose(new['codebook'][3], [10., 10.], rtol=1e-4)
+  np.testing.assert_allclose(vqvae.usage_counts(new, 0.99), [2, 0, 0, 1], atol=1e-4)
+
+
+def test_nearest_codes_is_the_argmin_of_squared_distance():
+  rng = np.random.default_rng(1)
+  vectors, codebook = rng.normal(size=(200, 8)), rng.normal(size=(32, 8))
+  expected = np.argmin(((vectors[:, None] - codebook[None]) ** 2).sum(-1), axis=1)
+  np.testing.assert_array_equal(vqvae.nearest_codes(jnp.asarray(vectors, jnp.float32), jnp.asarray(codebook, jnp.float32)),
+                                expected)
+
+
+def test_straight_through_passes_the_decoder_gradient_to_the_encoder():
+  rng = np.random.default_rng(2)
+  z, q = jnp.asarray(rng.normal(size=(3, 5))), jnp.asarray(rng.normal(size=(3, 5)))
+  loss = lambda x: jnp.sum(jnp.sin(x) * x)
+  value, grad_z = jax.value_and_grad(lambda z: loss(vqvae.straight_through(z, q)))(z)
+  np.testing.assert_allclose(value, loss(q), rtol=1e-6)                      # forward: the codes
+  np.testing.assert_allclose(grad_z, jax.grad(loss)(q), rtol=1e-6)           # backward: d loss / d q, copied to z
+
+
+def test_dead_codes_take_candidates_and_the_uniform_share():
+  state = {'codebook': jnp.ones((4, 2)), 'ema_counts': jnp.array([10., 10., 0.01, 10.]), 'ema_sums': jnp.ones((4, 2)),
+           'ema_steps': jnp.int32(1000)}
+  candidates = jnp.arange(8.).reshape(4, 2)
+  new, restarted = vqvae.restart_dead_codes(state, candidates, 0.99, 0.03)
+  assert int(restarted) == 1
+  np.testing.assert_allclose(new['codebook'][2], [4., 5.])
+  np.testing.assert_allclose(new['codebook'][0], [1., 1.])
+  share = (30.01 / 4) / (1 - 0.99 ** 1000) * (1 - 0.99 ** 1000)
+  np.testing.assert_allclose(new['ema_counts'][2], share, rtol=1e-5)
+  np.testing.assert_allclose(new['ema_sums'][2] / new['ema_counts'][2], [4., 5.], rtol=1e-5)
+
+
+def test_model_shapes_and_upsample_kinds():
+  config = vqvae_configs.get_config('tiny')
+  for kind in ('subpixel', 'transpose'):
+    config.upsample = kind
+    model = vqvae.model_from_config(config)
+    x = jnp.zeros((2, 64, 64, 1))
+    variables = model.init(jax.random.key(0), x)
+    reconstruction, z, quantized, codes = model.apply(variables, x)
+    assert reconstruction.shape == x.shape and z.shape == (2, 16, 16, 8) == quantized.shape
+    assert codes.shape == (2, 16, 16) and codes.dtype == jnp.int32
+  depth = vqvae.depth_to_space(jnp.arange(16.).reshape(1, 1, 1, 16))
+  np.testing.assert_array_equal(depth[0, :, :, 0], [[0, 4], [8, 12]])  # channels (dy, dx, c) -> pixel (dy, dx)
+
+
+@pytest.fixture(scope='module')
+def tiny_batch(cache_dir):
+  source = tfds_oasis.prepare('demo', cache_dir=cache_dir).as_data_source('train')
+  return input_pipeline.train_dataset(source, input_pipeline.Sharding(8, local_devices=1, image_size=64), seed=0)[0][0]
+
+
+def test_two_device_step_equals_one_device_step(tiny_batch):
+  assert jax.local_device_count() == 2
+  config = vqvae_configs.get_config('tiny')
+  state = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(0)))
+  step = functools.partial(vqvae_trainer.train_step, config=config, data_variance=0.08)
+  key = jax.random.key(7)
+  results = []
+  for devices in (jax.local_devices()[:1], jax.local_devices()[:2]):
+    p_step = jax.pmap(step, axis_name=parallel.AXIS, in_axes=(0, 0, None), devices=devices)
+    replicated = jax.tree.map(lambda x: np.broadcast_to(x, (len(devices),) + np.shape(x)), state)
+    new_state, step_metrics = p_step(replicated, tiny_batch.reshape((len(devices), -1) + tiny_batch.shape[1:]), key)
+    new_state = jax.device_get(new_state)
+    if len(devices) == 2:  # every replica holds the same parameters and codebook
+      for leaf in jax.tree.leaves((new_state.params, new_state.vq)):
+        np.testing.assert_array_equal(leaf[0], leaf[1])
+    results.append((jax.tree.map(lambda x: x[0], (new_state.params, new_state.vq)), jax.device_get(step_metrics)))
+  (one, one_metrics), (two, two_metrics) = results
+  assert int(one_metrics['restarted'][0]) > 0  # the dead-code restart is part of what is compared
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(one_metrics['loss'][0], two_metrics['loss'][0], rtol=1e-5)
+
+
+def test_checkpoint_restore_equals_save(tmp_path):
+  config = vqvae_configs.get_config('tiny')
+  state = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(3)))
+  state = state.replace(step=np.int32(5))
+  store = checkpoints.Checkpoints(str(tmp_path), best_metric='ssim')
+  store.save(5, state, {'next_index': 5}, {'ssim': 0.5})
+  store.close()
+  abstract = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(4)))
+  restored, data_state = checkpoints.Checkpoints(str(tmp_path), best_metric='ssim').restore_latest(abstract)
+  assert data_state == {'next_index': 5} and int(restored.step) == 5
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_tiny_training_lowers_the_loss(tiny_stage1):
+  losses = train_losses(tiny_stage1['logs'][2].stdout)
+  assert len(losses) == 3 and losses[-1] < 0.6 * losses[0]
+
+
+def test_resume_continues_at_the_right_step_and_matches_an_uninterrupted_run(tiny_stage1):
+  first, second, whole = tiny_stage1['logs']
+  assert 'step 20/20' in first.stdout and 'resuming' in second.stdout and 'from step 20' in second.stdout
+  assert 'step 10/' not in second.stdout and 'step 30/30' in second.stdout
+  assert train_losses(second.stdout)[-1] == pytest.approx(train_losses(whole.stdout)[-1], rel=1e-6)
+  resumed, _ = checkpoints.restore_raw(os.path.join(tiny_stage1['resumed'], 'checkpoints'), 'stage-1')
+  uninterrupted, step = checkpoints.restore_raw(os.path.join(tiny_stage1['whole'], 'checkpoints'), 'stage-1')
+  assert step == 30
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_evaluate_prints_one_json_line_and_writes_files(tiny_stage1):
+  result = run_cli('-m', 'oasis_jax.evaluate', f'--workdir={tiny_stage1["whole"]}', '--split=test')
+  line = json.loads(result.stdout.strip().splitlines()[-1])
+  assert line['split'] == 'test' and line['images'] == 17
+  assert 0 < line['ssim'] < 1 and 5 < line['psnr'] < 60 and 1 <= line['perplexity'] <= line['codes_used'] <= 32
+  with open(os.path.join(tiny_stage1['whole'], 'eval_test.json')) as f:
+    assert json.load(f) == line
+  assert os.path.getsize(os.path.join(tiny_stage1['whole'], 'images', 'eval_test.png')) > 1000
+
+
+def test_load_stage1_gives_the_trained_model(tiny_stage1):
+  model, variables, config = checkpoints.load_stage1(tiny_stage1['whole'])
+  assert config.num_embeddings == 32
+  best, _ = checkpoints.restore_raw(os.path.join(tiny_stage1['whole'], 'best'), 'stage-1')
+  np.testing.assert_array_equal(variables['vq']['codebook'], best['vq']['codebook'])
+  codes = jnp.zeros((1, 16, 16), jnp.int32)
+  decoded = model.apply(variables, codes, method=vqvae.VQVAE.decode_codes)
+  assert decoded.shape == (1, 64, 64, 1) and np.isfinite(decoded).all()
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--config.dataset=oasis_png', '--config.data_dir=/nonexistent/oasis'],
+     'error: /nonexistent/oasis: config.data_dir does not exist or is not a directory'),
+    (['--config.num_embeddings=1'], 'error: config.num_embeddings=1: expected at least 2 codes'),
+    (['--config.batch_size=-4'], 'error: config.batch_size=-4: expected a positive multiple of the device count 2'),
+    (['--config.batch_size=5'], 'error: config.batch_size=5: expected a positive multiple of the device count 2'),
+])
+def test_cli_bad_config_is_one_line(tmp_path, flags, message):
+  result = run_cli('train_vqvae.py', '--config=configs/vqvae.py:tiny', f'--workdir={tmp_path}/run', *flags, check=False)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == message

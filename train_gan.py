@@ -1,0 +1,22 @@
+"""Stage 2: train the DCGAN over stage-1 code maps.
+python train_gan.py --config=configs/gan.py[:demo|:tiny] --workdir=DIR --config.vqvae_workdir=DIR1"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from oasis_jax import cli
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/gan.py', 'Stage-2 config file (and :variant).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and samples; re-run to resume.')
+
+
+@cli.run
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from oasis_jax import gan_trainer  # imported after flag parsing: JAX starts only when there is work
+  gan_trainer.train_and_evaluate(FLAGS.config, cli.check_workdir(FLAGS.workdir))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -17,7 +17,17 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.generator_width = 64
   config.discriminator_width = 64
   config.upsample = 'subpixel'   # generator upsampling: 'subpixel' or 'transpose' (the DCGAN paper's)
+  # How the generator respects discrete codes (README, "Stage 2 designs"):
+  #   'logits': K logits per position, straight-through Gumbel-softmax to one-hot codes (design a);
+  #   'latent': a D-dim latent per position, nearest codebook vector, straight-through (design b).
+  config.head = 'logits'
   config.gumbel_temperature = 1.0
+  config.latent_commitment = 0.25  # head 'latent': weight of ||latent - its codebook vector||^2
+  # Stabilisers (0 = off).
+  config.loss = 'nonsaturating'  # or 'hinge'
+  config.r1_gamma = 0.0          # R1 gradient penalty on real code maps
+  config.minibatch_std_group = 0 # minibatch standard-deviation feature in the discriminator (group size)
+  config.generator_ema = 0.0     # EMA decay of the generator weights that samples are drawn from
   # Optimisation (Radford et al.: Adam 2e-4, beta1 0.5).
   config.seed = 0
   config.batch_size = 64
@@ -28,6 +38,9 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.sample_every_steps = 1000
   config.checkpoint_every_steps = 1000
+  # Every sample_every_steps: eval_samples samples vs eval_images validation slices (SWD picks WORKDIR/best/).
+  config.eval_samples = 64
+  config.eval_images = 256
 
   if variant == 'demo':
     config.vqvae_workdir = 'runs/demo/vqvae'
@@ -49,6 +62,8 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.log_every_steps = 10
     config.sample_every_steps = 10
     config.checkpoint_every_steps = 10
+    config.eval_samples = 16
+    config.eval_images = 16
   elif variant != 'default':
     raise ValueError(f'unknown variant {variant!r} of configs/gan.py: expected default, demo or tiny')
   return config

@@ -2,7 +2,7 @@
 
     WORKDIR/config.json          {"stage": "vqvae" | "gan", "config": {...}}: the run's ConfigDict
     WORKDIR/checkpoints/<step>/  latest checkpoints (orbax, atomic): train state + data iterator state
-    WORKDIR/best/<step>/         the best checkpoint by validation metric (stage 1: SSIM)
+    WORKDIR/best/<step>/         the best checkpoint by a validation metric (stage 1: config.best_metric, PSNR)
     WORKDIR/tensorboard/         TensorBoard event files
     WORKDIR/images/              image grids written during training and evaluation
     WORKDIR/eval_<split>.json    what `python -m oasis_jax.evaluate` measured
@@ -107,6 +107,18 @@ def restore_raw(directory: str, what: str):
   return restored['state'], step
 
 
+def best_or_latest(workdir: str) -> str:
+  """WORKDIR/best when it holds a complete checkpoint, else WORKDIR/checkpoints."""
+  directory = path(workdir, 'best')
+  if os.path.isdir(directory):
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+    manager.close()
+    if step is not None:
+      return directory
+  return path(workdir, 'checkpoints')
+
+
 def load_stage1(workdir: str):
   """(model, variables {'params', 'vq'}, config) of a stage-1 run: its best checkpoint, else its latest."""
   from oasis_jax import vqvae  # the model module is only needed here
@@ -115,8 +127,5 @@ def load_stage1(workdir: str):
   stage, config = read_config(workdir)
   if stage != 'vqvae':
     raise UserError(f'{workdir}: holds a {stage} run, expected a stage-1 (vqvae) workdir')
-  directory = path(workdir, 'best')
-  if not (os.path.isdir(directory) and ocp.CheckpointManager(directory).latest_step() is not None):
-    directory = path(workdir, 'checkpoints')
-  state, _ = restore_raw(directory, 'stage-1')
+  state, _ = restore_raw(best_or_latest(workdir), 'stage-1')
   return vqvae.model_from_config(config), {'params': state['params'], 'vq': state['vq']}, config

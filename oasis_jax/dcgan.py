@@ -9,8 +9,14 @@ generated code is an index in [0, K) that stage 1's decoder can render.
 
 Generator: dense to 4x4 x (width * 2^(L-1)), then L = log2(s / 4) x2 upsamplings (sub-pixel convs, or the DCGAN
 paper's 4x4 stride-2 transposed convs), each followed by batch norm (statistics averaged over devices under pmap) and
-ReLU, and a 3x3 conv to K logits. Discriminator: 4x4 stride-2 convs with LeakyReLU(0.2) down to 4x4, then a dense
-logit; no batch norm in the discriminator (it would mix real and generated statistics).
+ReLU, and a 3x3 conv to the head. Discriminator: 4x4 stride-2 convs with LeakyReLU(0.2) down to 4x4, an optional
+minibatch standard-deviation feature (Karras et al. 2018, against mode collapse), then a dense logit; no batch norm in
+the discriminator (it would mix real and generated statistics).
+
+Two heads (config.head), both emitting only valid code maps:
+  'logits' (design a): K logits per position, straight-through Gumbel-softmax to one-hot codes, embedded.
+  'latent' (design b): a D-dim vector per position, replaced by its nearest codebook vector (straight-through, as
+            in stage 1's quantiser); the discriminator sees the quantised latents.
 """
 import math
 from typing import Any
@@ -19,12 +25,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from oasis_jax.vqvae import Upsample
+from oasis_jax.vqvae import Upsample, nearest_codes, straight_through
 
 
 class Generator(nn.Module):
   code_size: int            # s: the code map is s x s
-  num_embeddings: int       # K
+  out_features: int         # K logits (head 'logits') or D latent channels (head 'latent')
   width: int = 64
   upsample: str = 'subpixel'
   axis_name: Any = None     # set to the pmap axis to average batch-norm statistics over devices
@@ -38,19 +44,35 @@ class Generator(nn.Module):
     for level in range(levels):
       x = Upsample(self.width * 2 ** (levels - level - 1), self.upsample)(x)
       x = nn.relu(norm()(x))
-    return nn.Conv(self.num_embeddings, (3, 3))(x)
+    return nn.Conv(self.out_features, (3, 3))(x)
 
 
 class Discriminator(nn.Module):
   code_size: int
   width: int = 64
+  minibatch_std_group: int = 0  # > 0: append the minibatch standard deviation over groups of this many rows
 
   @nn.compact
   def __call__(self, embeddings):
     x = embeddings
     for level in range(int(math.log2(self.code_size // 4))):
       x = nn.leaky_relu(nn.Conv(self.width * 2 ** level, (4, 4), strides=(2, 2))(x), 0.2)
+    if self.minibatch_std_group:
+      x = minibatch_std(x, self.minibatch_std_group)
     return nn.Dense(1)(x.reshape(x.shape[0], -1))[:, 0]
+
+
+def minibatch_std(x, group: int):
+  """Appends one channel: the mean over features of the standard deviation across each group of `group`
+  consecutive rows (Karras et al. 2018). A generator that emits one mode gets a tell-tale near-zero channel.
+
+  Groups are consecutive rows, so with a per-device batch divisible by `group` 1 device and 2 devices agree."""
+  n, h, w, c = x.shape
+  group = min(group, n)
+  grouped = x.reshape(n // group, group, h, w, c)
+  std = jnp.sqrt(jnp.var(grouped, axis=1) + 1e-8).mean(axis=(1, 2, 3))          # [n / group]
+  feature = jnp.broadcast_to(jnp.repeat(std, group)[:, None, None, None], (n, h, w, 1))
+  return jnp.concatenate([x, feature], axis=-1)
 
 
 def gumbel_straight_through(logits, gumbel_noise, temperature: float):
@@ -69,6 +91,19 @@ def embed(one_hot, codebook):
   return one_hot @ codebook
 
 
-def sample_codes(logits):
-  """The code map a generator's logits stand for: argmax over K, always a valid index in [0, K)."""
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def quantize_straight_through(latents, codebook):
+  """Design (b): latents [N, s, s, D] -> (nearest codebook vectors forward / identity gradient backward, codes)."""
+  codes = nearest_codes(latents.reshape(-1, latents.shape[-1]), codebook).reshape(latents.shape[:-1])
+  return straight_through(latents, jnp.take(codebook, codes, axis=0)), codes.astype(jnp.int32)
+
+
+def sample_codes(outputs, codebook, head: str, gumbel_noise=None):
+  """The code map a generator's outputs stand for, always valid indices in [0, K).
+
+  head 'logits': a draw from the categorical distribution the generator was trained to emit, argmax(logits + g)
+  with Gumbel noise g (the forward pass of training); argmax(logits) when no noise is given. head 'latent': the
+  nearest codebook vector of each latent."""
+  if head == 'logits':
+    noisy = outputs if gumbel_noise is None else outputs + gumbel_noise
+    return jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+  return quantize_straight_through(outputs, codebook)[1]

@@ -1,7 +1,9 @@
 """Image and codebook metrics. SSIM/PSNR on images in [0, 1] (dm-pix; SSIM with the standard 11x11 Gaussian
 window, sigma 1.5)."""
 import dm_pix
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from oasis_jax.vqvae import perplexity  # noqa: F401  (re-exported: metrics live here for users)
 
@@ -14,3 +16,142 @@ def ssim(images, references):
 def psnr(images, references):
   """Per-image PSNR in dB of [N, H, W, 1] images in [0, 1]."""
   return dm_pix.psnr(jnp.clip(images, 0, 1), references)
+
+
+# --- Generation metrics (stage 2). No downloaded weights: everything is computed from pixels and codes. ---
+
+def code_histogram_kl(real_counts, fake_counts, epsilon: float = 1e-6):
+  """KL(real || generated) between two code-usage histograms [K] (each normalised, smoothed by epsilon)."""
+  p = real_counts / real_counts.sum() + epsilon
+  q = fake_counts / fake_counts.sum() + epsilon
+  p, q = p / p.sum(), q / q.sum()
+  return jnp.sum(p * jnp.log(p / q))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5):
+  x = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
+  w = jnp.exp(-x ** 2 / (2 * sigma ** 2))
+  return w / w.sum()
+
+
+def _separable_filter(images, taps, stride: int = 1, padding: str = 'VALID'):
+  """Filters [N, H, W] with the separable kernel taps x taps."""
+  kernel = (taps[:, None] * taps[None, :])[:, :, None, None]
+  out = jax.lax.conv_general_dilated(images[..., None], kernel, (stride, stride), padding,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return out[..., 0]
+
+
+def _ssim_terms(x, y):
+  """Per-image mean of the SSIM luminance*contrast*structure map and of its contrast*structure part."""
+  window = _gaussian_window()
+  blur = lambda a: _separable_filter(a, window)
+  mu_x, mu_y = blur(x), blur(y)
+  var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  cs = (2 * cov + c2) / (var_x + var_y + c2)
+  luminance = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1)
+  return jnp.mean(luminance * cs, axis=(1, 2)), jnp.mean(cs, axis=(1, 2))
+
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
+
+
+@jax.jit
+def ms_ssim(x, y):
+  """Multi-scale SSIM (Wang et al. 2003; 11x11 Gaussian window) of [N, H, W(, 1)] images in [0, 1].
+
+  5 scales for images of 176 px and up (256x256 slices); smaller images use the scales that still hold the
+  window (64x64: 3), with the weights renormalised."""
+  x, y = jnp.asarray(x, jnp.float32).reshape(x.shape[:3]), jnp.asarray(y, jnp.float32).reshape(y.shape[:3])
+  scales = max(1, min(len(MS_SSIM_WEIGHTS), int(np.log2(min(x.shape[1:]) / 11)) + 1))
+  weights = np.asarray(MS_SSIM_WEIGHTS[:scales]) / np.sum(MS_SSIM_WEIGHTS[:scales])
+  result = 1.0
+  for scale, weight in enumerate(weights):
+    ssim_value, cs = _ssim_terms(x, y)
+    value = ssim_value if scale == scales - 1 else cs
+    result = result * jnp.maximum(value, 0.0) ** weight
+    n, h, w = x.shape
+    x = x.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+    y = y.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+  return result
+
+
+def ms_ssim_diversity(images, max_pairs: int = 2048, seed: int = 0, chunk: int = 64) -> float:
+  """Mean MS-SSIM over distinct pairs of a set of images: lower = more diverse (as in Odena et al. 2017)."""
+  n = len(images)
+  i, j = np.triu_indices(n, 1)
+  if len(i) > max_pairs:
+    picked = np.random.default_rng(seed).choice(len(i), max_pairs, replace=False)
+    i, j = i[picked], j[picked]
+  values = [np.asarray(ms_ssim(images[i[s:s + chunk]], images[j[s:s + chunk]])) for s in range(0, len(i), chunk)]
+  return float(np.mean(np.concatenate(values)))
+
+
+def nearest_neighbour_ssim(queries, references, size: int = 64, chunk: int = 256) -> np.ndarray:
+  """For each query image, the highest SSIM against any reference image, both block-averaged to size x size.
+
+  A memorisation check: samples copied from the training set score near 1. Computed at 64x64 so that the full
+  OASIS training split (~10k slices) is searched in seconds."""
+  def shrink(a):
+    a = np.asarray(a, np.float32).reshape(len(a), a.shape[1], a.shape[2])
+    side = min(size, a.shape[1])
+    f = a.shape[1] // side
+    return a.reshape(len(a), side, f, side, f).mean(axis=(2, 4))[..., None]
+  queries, references = shrink(queries), shrink(references)
+  best = np.full(len(queries), -1.0, np.float32)
+  score = jax.jit(jax.vmap(lambda q, refs: ssim(jnp.broadcast_to(q, refs.shape), refs).max(), in_axes=(0, None)))
+  for s in range(0, len(references), chunk):
+    best = np.maximum(best, np.asarray(score(queries, references[s:s + chunk])))
+  return best
+
+
+_BINOMIAL = np.array([1, 4, 6, 4, 1], np.float32) / 16
+
+
+def laplacian_pyramid(images, min_size: int = 16) -> list:
+  """[N, H, W] -> Laplacian levels, finest first (Karras et al. 2018: 5x5 binomial filter, down to 16x16)."""
+  taps = jnp.asarray(_BINOMIAL)
+  blur = lambda a: _separable_filter(jnp.pad(a, ((0, 0), (2, 2), (2, 2)), mode='reflect'), taps)
+  levels, current = [], jnp.asarray(images, jnp.float32)
+  while current.shape[1] > min_size:
+    smaller = blur(current)[:, ::2, ::2]
+    up = jnp.zeros_like(current).at[:, ::2, ::2].set(smaller * 4)
+    levels.append(current - blur(up))
+    current = smaller
+  levels.append(current)
+  return levels
+
+
+def _patch_descriptors(level, rng, count: int, patch: int = 7) -> np.ndarray:
+  """`count` random patch x patch patches of a pyramid level, [count, patch*patch], normalised per set."""
+  level = np.asarray(level)
+  n, h, w = level.shape
+  img, y, x = rng.integers(0, n, count), rng.integers(0, h - patch + 1, count), rng.integers(0, w - patch + 1, count)
+  offsets = np.arange(patch)
+  patches = level[img[:, None, None], y[:, None, None] + offsets[None, :, None], x[:, None, None] + offsets[None, None, :]]
+  patches = patches.reshape(count, -1)
+  return (patches - patches.mean()) / (patches.std() + 1e-8)
+
+
+def sliced_wasserstein(a, b, rng, directions: int = 512) -> float:
+  """Sliced Wasserstein distance between two equally sized sets of descriptors, over random unit directions."""
+  projections = rng.standard_normal((a.shape[1], directions)).astype(np.float32)
+  projections /= np.linalg.norm(projections, axis=0, keepdims=True)
+  pa, pb = np.sort(a @ projections, axis=0), np.sort(b @ projections, axis=0)
+  return float(np.mean(np.abs(pa - pb)))
+
+
+def swd(images_a, images_b, descriptors: int = 8192, seed: int = 0) -> dict:
+  """Sliced Wasserstein distance on Laplacian-pyramid 7x7 patches (Karras et al. 2018), x1e3 as they report it.
+
+  Returns {'levels': [per level, finest first], 'mean': average over levels}. The same number of patches is drawn
+  from each set, so sets of different sizes compare; lower is closer."""
+  rng = np.random.default_rng(seed)
+  reshape = lambda a: np.asarray(a, np.float32).reshape(len(a), a.shape[1], a.shape[2])
+  pyramid_a, pyramid_b = laplacian_pyramid(reshape(images_a)), laplacian_pyramid(reshape(images_b))
+  levels = []
+  for level_a, level_b in zip(pyramid_a, pyramid_b):
+    da, db = _patch_descriptors(level_a, rng, descriptors), _patch_descriptors(level_b, rng, descriptors)
+    levels.append(1e3 * sliced_wasserstein(da, db, rng))
+  return {'levels': levels, 'mean': float(np.mean(levels))}

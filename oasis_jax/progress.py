@@ -3,9 +3,11 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 from oasis_jax import parallel
+from oasis_jax.errors import UserError
 
 
 def _duration(seconds: float) -> str:
@@ -44,3 +46,26 @@ class Progress:
     if self.writer is not None:
       self.writer.close()
     sys.stdout.flush()
+
+
+class History:
+  """Per-step metrics (device arrays, replicated) since the last report; fetched in one go when summarised."""
+
+  def __init__(self):
+    self.steps = []
+
+  def append(self, step_metrics) -> None:
+    self.steps.append(step_metrics)
+
+  def summary(self, step: int, store) -> dict:
+    """Mean of each metric since the last summary. A non-finite value stops the run with one line, before the
+    state that produced it can be checkpointed: the last good checkpoint in `store` stays the latest."""
+    fetched = jax.device_get(self.steps)
+    self.steps = []
+    summary = {key: float(np.mean([m[key][0] for m in fetched])) for key in fetched[0]}
+    bad = [key for key, value in summary.items() if not np.isfinite(value)]
+    if bad:
+      store.close()
+      raise UserError(f'non-finite {", ".join(bad)} at step {step}: stopped; the last good checkpoint '
+                      f'(step {store.latest_step()}) is kept. Try a lower config.learning_rate')
+    return summary

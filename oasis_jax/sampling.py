@@ -1,26 +1,24 @@
 """New slices from a trained stage 2: the generator's code maps rendered by stage 1's decoder, written as PNGs."""
 import os
 
-import jax
-import numpy as np
-
 from oasis_jax import checkpoints, gan_trainer, images
 from oasis_jax.errors import UserError
 
 
 def load_generator(workdir: str):
-  """(sample_fn, g_variables, stage1_variables, config) of a stage-2 run: its latest checkpoint."""
+  """(sample_fn, g_variables, stage1_variables, config) of a stage-2 run: its best checkpoint (lowest validation
+  SWD), else its latest."""
   if not os.path.isdir(checkpoints.path(workdir)):
     raise UserError(f'{workdir}: stage-2 workdir does not exist (train it with train_gan.py, or pass --workdir)')
   stage, config = checkpoints.read_config(workdir)
   if stage != gan_trainer.STAGE:
     raise UserError(f'{workdir}: holds a {stage} run, expected a stage-2 (gan) workdir')
   stage1_model, stage1_variables, stage1_config = checkpoints.load_stage1(config.vqvae_workdir)
-  state, _ = checkpoints.restore_raw(checkpoints.path(workdir, 'checkpoints'), 'stage-2')
+  state, _ = checkpoints.restore_raw(checkpoints.best_or_latest(workdir), 'stage-2')
   generator_state = state['0'] if '0' in state else state[0]
-  g_variables = {'params': generator_state['params'], 'batch_stats': generator_state['batch_stats']}
+  g_variables = {'params': generator_state['ema_params'], 'batch_stats': generator_state['batch_stats']}
   generator, _ = gan_trainer.make_models(config, stage1_config)
-  return gan_trainer.make_sampler(generator, stage1_model), g_variables, stage1_variables, config
+  return gan_trainer.make_sampler(generator, stage1_model, config.head), g_variables, stage1_variables, config
 
 
 def write_samples(workdir: str, outdir: str, num: int, seed: int, batch: int = 16) -> list[str]:
@@ -35,14 +33,7 @@ def write_samples(workdir: str, outdir: str, num: int, seed: int, batch: int = 1
     os.remove(probe)
   except OSError as error:
     raise UserError(f'{outdir}: cannot write samples there ({error.strerror})') from None
-  z = np.asarray(jax.random.normal(jax.random.key(seed), (num, config.latent_dim)))
-  rendered = []
-  for begin in range(0, num, batch):
-    chunk = z[begin:begin + batch]
-    padded = np.concatenate([chunk, np.zeros((batch - len(chunk), chunk.shape[1]), chunk.dtype)])
-    out, _ = sample(g_variables, stage1_variables, padded)   # fixed batch shape: one compilation
-    rendered.append(np.asarray(out)[:len(chunk)])
-  rendered = np.concatenate(rendered)
+  rendered, _ = gan_trainer.generate(sample, g_variables, stage1_variables, num, config.latent_dim, seed, batch)
   files = []
   for i, image in enumerate(rendered):
     files.append(os.path.join(outdir, f'sample_{i:04d}.png'))

@@ -39,6 +39,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.learning_rate={config.learning_rate}: expected a positive number')
   if config.upsample not in ('subpixel', 'transpose'):
     raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
+  if config.best_metric not in ('ssim', 'psnr'):
+    raise UserError(f'config.best_metric={config.best_metric!r}: expected ssim or psnr')
   if config.dtype not in ('float32', 'bfloat16'):
     raise UserError(f'config.dtype={config.dtype!r}: expected float32 or bfloat16')
 
@@ -148,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   state = create_state(config, jax.random.key(config.seed))
   iterator = input_pipeline.train_iterator(train_source, sharding, config.seed)
-  store = checkpoints.Checkpoints(workdir, best_metric='ssim')
+  store = checkpoints.Checkpoints(workdir, best_metric=config.best_metric)
   restored = store.restore_latest(jax.device_get(state))
   if restored is not None:
     state, data_state = restored
@@ -165,21 +167,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f'{len(train_source)} train slices, data variance {variance:.4f}', flush=True)
   base_key = jax.random.key(config.seed + 1)
   validation = {}
-  history = []
+  history = progress.History()
   for step in range(start_step + 1, total_steps + 1):
     batch = next(iterator)
     p_state, step_metrics = p_train_step(p_state, batch, jax.random.fold_in(base_key, step))
     history.append(step_metrics)
     is_last = step == total_steps
-    if step % config.log_every_steps == 0 or is_last:
-      summary = {k: float(np.mean([m[k][0] for m in jax.device_get(history)])) for k in history[0]}
-      history = []
-      if not np.isfinite(summary['loss']):
-        store.close()
-        raise UserError(f'non-finite loss {summary["loss"]} at step {step}: stopped; the last good checkpoint '
-                        f'(step {store.latest_step()}) is kept. Try a lower config.learning_rate')
-      log.report(step, summary)
     do_eval = step % config.eval_every_steps == 0 or is_last
+    do_save = step % config.checkpoint_every_steps == 0 or do_eval
+    if step % config.log_every_steps == 0 or do_save:
+      log.report(step, history.summary(step, store))   # stops on a non-finite loss before anything is saved
     if do_eval:
       p_variables = {'params': p_state.params, vqvae.VQ: p_state.vq}
       validation, (originals, reconstructions) = evaluate_split(p_eval_step, p_variables, validate_source, sharding,
@@ -189,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log.image(step, 'validate/originals_over_reconstructions', grid)
       if parallel.is_main_process():
         images.save_png(grid, checkpoints.path(workdir, 'images', f'reconstructions_{step:06d}.png'))
-    if step % config.checkpoint_every_steps == 0 or do_eval:
+    if do_save:
       store.save(step, parallel.unreplicate(p_state), iterator.get_state(), validation if do_eval else None)
   store.close()
   log.close()

@@ -1,5 +1,6 @@
 """Stage 2: the discrete relaxation, pmap equivalence, stage-1 restore, and the chain train_gan.py -> sample.py."""
 import functools
+import json
 import os
 
 import jax
@@ -27,23 +28,52 @@ def test_gumbel_straight_through_is_one_hot_forward_and_softmax_backward():
   assert float(jnp.abs(grad).max()) > 0  # gradients reach the generator despite the argmax
 
 
-def test_generator_codes_are_valid_indices_for_any_input():
+def test_latent_quantization_is_nearest_code_forward_and_identity_backward():
+  codebook = jnp.asarray([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+  latents = jnp.asarray([[[[0.9, 0.1], [0.1, 1.2]], [[-0.3, 0.2], [5.0, 5.0]]]])   # [1, 2, 2, 2]
+  quantized, codes = dcgan.quantize_straight_through(latents, codebook)
+  np.testing.assert_array_equal(codes, [[[1, 2], [0, 2]]])
+  np.testing.assert_allclose(quantized, codebook[codes], atol=1e-6)
+  grad = jax.grad(lambda l: jnp.sum(dcgan.quantize_straight_through(l, codebook)[0] * jnp.arange(2.0)))(latents)
+  np.testing.assert_allclose(grad, jnp.broadcast_to(jnp.arange(2.0), latents.shape))
+
+
+def test_minibatch_std_matches_hand_computation():
+  x = np.random.default_rng(0).normal(size=(4, 2, 2, 3)).astype(np.float32)
+  out = np.asarray(dcgan.minibatch_std(jnp.asarray(x), 2))
+  assert out.shape == (4, 2, 2, 4)
+  np.testing.assert_array_equal(out[..., :3], x)
+  for group in range(2):
+    expected = np.sqrt(x[2 * group:2 * group + 2].var(axis=0) + 1e-8).mean()
+    np.testing.assert_allclose(out[2 * group:2 * group + 2, ..., 3], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('head', ['logits', 'latent'])
+def test_generator_codes_are_valid_indices_for_any_input(head):
   stage1 = vqvae_configs.get_config('tiny')
   config = gan_configs.get_config('tiny')
+  config.head = head
   generator, discriminator = gan_trainer.make_models(config, stage1)
   g_vars = generator.init(jax.random.key(0), jnp.zeros((2, config.latent_dim)), train=False)
   z = 100.0 * jax.random.normal(jax.random.key(1), (4, config.latent_dim))   # far outside the training range
-  logits = generator.apply(g_vars, z, train=False)
-  codes = dcgan.sample_codes(logits)
-  assert logits.shape == (4, 16, 16, 32) and codes.dtype == jnp.int32
+  outputs = generator.apply(g_vars, z, train=False)
+  codebook = jax.random.normal(jax.random.key(2), (32, 8))
+  noise = jax.random.gumbel(jax.random.key(3), outputs.shape)
+  codes = dcgan.sample_codes(outputs, codebook, head, noise)
+  assert outputs.shape == (4, 16, 16, 32 if head == 'logits' else 8) and codes.dtype == jnp.int32
   assert int(codes.min()) >= 0 and int(codes.max()) < 32
   d_vars = discriminator.init(jax.random.key(2), jnp.zeros((1, 16, 16, 8)))
   assert discriminator.apply(d_vars, jnp.zeros((3, 16, 16, 8))).shape == (3,)
 
 
-def test_two_device_gan_step_equals_one_device_step():
+@pytest.mark.parametrize('overrides', [
+    {},
+    {'head': 'latent', 'loss': 'hinge', 'minibatch_std_group': 2, 'r1_gamma': 1.0, 'generator_ema': 0.9},
+])
+def test_two_device_gan_step_equals_one_device_step(overrides):
   stage1 = vqvae_configs.get_config('tiny')
   config = gan_configs.get_config('tiny')
+  config.update(overrides)
   states = jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0)))
   codebook = jax.random.normal(jax.random.key(1), (32, 8))
   real = np.asarray(jax.random.randint(jax.random.key(2), (8, 16, 16), 0, 32))
@@ -77,7 +107,9 @@ def tiny_chain(tiny_stage1, tmp_path_factory, cache_dir):
 def test_train_gan_logs_and_checkpoints(tiny_chain):
   assert 'step 20/20' in tiny_chain['log'].stdout and 'code_kl' in tiny_chain['log'].stdout
   assert sorted(os.listdir(os.path.join(tiny_chain['gan'], 'checkpoints'))) == ['10', '20']
+  assert len(os.listdir(os.path.join(tiny_chain['gan'], 'best'))) == 1   # the lower validation SWD of the two
   assert os.path.exists(os.path.join(tiny_chain['gan'], 'images', 'samples_000020.png'))
+  assert 'validate: swd' in tiny_chain['log'].stdout
 
 
 def test_sample_cli_writes_pngs_deterministically(tiny_chain, tmp_path):
@@ -97,12 +129,35 @@ def test_sample_cli_writes_pngs_deterministically(tiny_chain, tmp_path):
 def test_samples_are_decoded_by_the_restored_stage1(tiny_chain):
   sample, g_variables, stage1_variables, config = sampling.load_generator(tiny_chain['gan'])
   z = jax.random.normal(jax.random.key(0), (2, config.latent_dim))
-  images, codes = sample(g_variables, stage1_variables, z)
+  images, codes = sample(g_variables, stage1_variables, z, np.arange(2), jax.random.key(1))
   model, variables, _ = checkpoints.load_stage1(tiny_chain['stage1'])
   best, _ = checkpoints.restore_raw(os.path.join(tiny_chain['stage1'], 'best'), 'stage-1')
   direct = model.apply({'params': best['params'], 'vq': best['vq']}, codes, method=vqvae.VQVAE.decode_codes)
   np.testing.assert_allclose(images, np.clip(direct, 0, 1), atol=1e-6)
   assert int(codes.max()) < 32 and int(codes.min()) >= 0
+
+
+def test_a_sample_does_not_depend_on_the_batch_it_is_drawn_in(tiny_chain):
+  sample, g_variables, stage1_variables, config = sampling.load_generator(tiny_chain['gan'])
+  small, small_codes = gan_trainer.generate(sample, g_variables, stage1_variables, 5, config.latent_dim, 3, batch=2)
+  large, large_codes = gan_trainer.generate(sample, g_variables, stage1_variables, 5, config.latent_dim, 3, batch=8)
+  np.testing.assert_array_equal(small_codes, large_codes)
+  np.testing.assert_allclose(small, large, atol=1e-6)
+  assert len({codes.tobytes() for codes in small_codes}) == 5   # different z and noise: different code maps
+
+
+def test_evaluate_gan_prints_generation_metrics(tiny_chain):
+  result = run_cli('-m', 'oasis_jax.evaluate', '--stage=gan', f'--workdir={tiny_chain["gan"]}', '--split=test')
+  line = json.loads(result.stdout.strip().splitlines()[-1])
+  assert line['split'] == 'test' and line['stage'] == 'gan' and line['images'] > 0
+  for group in ('samples', 'reconstructions'):
+    assert set(line[group]) == {'swd', 'ms_ssim', 'code_kl', 'nn_ssim'} and line[group]['swd'] > 0
+  assert 0 < line['real']['nn_ssim'] <= 1 and 0 < line['real']['ms_ssim'] < 1
+  assert line['goals']['swd_ratio'] == pytest.approx(line['samples']['swd'] / line['reconstructions']['swd'])
+  with open(os.path.join(tiny_chain['gan'], 'eval_test.json')) as f:
+    assert json.load(f) == line
+  wrong = run_cli('-m', 'oasis_jax.evaluate', '--stage=vqvae', f'--workdir={tiny_chain["gan"]}', check=False)
+  assert wrong.returncode == 1 and wrong.stderr.strip().splitlines()[-1].endswith('not a vqvae run (--stage)')
 
 
 @pytest.mark.parametrize('args, message', [

@@ -68,12 +68,16 @@ class Checkpoints:
                                              best_mode='max'))
 
   def save(self, step: int, state, data_state: dict, metrics: dict | None = None) -> None:
-    """Saves the (unreplicated) state and the data iterator state; also as best when metrics improve on it."""
+    """Saves the (unreplicated) state and the data iterator state; also as best when metrics improve on it.
+
+    The best candidate is written (and finished) before the latest checkpoint: a run killed in between resumes
+    from the previous latest checkpoint, redoes this step and offers it as best again, so best/ never misses it."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
-    if step not in self.latest.all_steps():
-      self.latest.save(step, args=args)
     if metrics is not None and step not in self.best.all_steps():
       self.best.save(step, args=args, metrics={self.best_metric: float(metrics[self.best_metric])})
+      self.best.wait_until_finished()
+    if step not in self.latest.all_steps():
+      self.latest.save(step, args=args)
 
   def latest_step(self):
     return self.latest.latest_step()

@@ -2,7 +2,7 @@
 import os
 import sys
 
-from absl import logging
+from absl import app, logging
 
 from oasis_jax.errors import UserError
 
@@ -18,6 +18,18 @@ def run(main):
     except UserError as error:
       sys.exit(f'error: {error}')
   return wrapped
+
+
+def parse_flags(argv):
+  """absl's flag parsing (pass as app.run(main, flags_parser=cli.parse_flags)), with a one-line error for a
+  --config.FIELD override naming a field the config does not have (ml_collections raises AttributeError)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:
+    name = str(error).strip('"\'')
+    culprit = next((a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and name in a.split('=')[0]),
+                   f'--config.{name}')
+    sys.exit(f'error: {culprit}: unknown config field {name!r} (the config file lists the fields)')
 
 
 def enable_compilation_cache() -> None:

@@ -22,6 +22,7 @@ from oasis_jax.errors import UserError
 
 STAGE = 'gan'
 # Fields that define the models: a resumed run must have the same ones.
+STAGE1_FIELDS = ('image_size', 'num_downsamples', 'num_embeddings', 'embedding_dim')
 MODEL_FIELDS = ('head', 'latent_dim', 'generator_width', 'discriminator_width', 'upsample', 'minibatch_std_group')
 
 
@@ -35,12 +36,22 @@ def code_size(stage1_config) -> int:
 
 
 def resolve_data(config, stage1_config) -> ml_collections.ConfigDict:
-  """Empty dataset/data_dir/cache_dir fields take the stage-1 run's."""
+  """Empty dataset/data_dir/cache_dir fields take the stage-1 run's; `stage1_model` records the stage-1 model
+  fields, so that a stage-1 run retrained differently later is caught instead of decoding nonsense."""
   config = ml_collections.ConfigDict(config.to_dict())
   for field in ('dataset', 'data_dir', 'cache_dir'):
     if not config[field]:
       config[field] = stage1_config[field]
+  config.stage1_model = {field: stage1_config[field] for field in STAGE1_FIELDS}
   return config
+
+
+def check_stage1_unchanged(config, stage1_config) -> None:
+  """A stage-2 run only fits the stage-1 model it was trained with."""
+  for field in STAGE1_FIELDS:
+    if 'stage1_model' in config and config.stage1_model[field] != stage1_config[field]:
+      raise UserError(f'{config.vqvae_workdir}: stage-1 {field}={stage1_config[field]!r}, but this stage-2 run was '
+                      f'trained with {config.stage1_model[field]!r}: train stage 2 again in another --workdir')
 
 
 def check_config(config, stage1_config) -> None:
@@ -254,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = resolve_data(config, stage1_config)
   check_config(config, stage1_config)
   sharding = input_pipeline.current_sharding(config.batch_size, stage1_config.image_size)
-  checkpoints.write_config(workdir, config, STAGE, must_match=MODEL_FIELDS + ('vqvae_workdir', 'batch_size', 'seed'))
+  checkpoints.write_config(workdir, config, STAGE,
+                           must_match=MODEL_FIELDS + ('vqvae_workdir', 'stage1_model', 'batch_size', 'seed'))
   builder = tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir)
   train_source = builder.as_data_source('train')
   if len(train_source) < config.batch_size:

@@ -1,4 +1,9 @@
-"""Progress on the terminal (step, metrics, steps/s, ETA) and TensorBoard events, from process 0 only."""
+"""Progress on the terminal (step, metrics, steps/s, ETA), TensorBoard events and WORKDIR/metrics.jsonl (one JSON
+line per report, full precision: {"step": ..., "prefix": "train" | "validate", <metric>: ...}), from process 0 only.
+
+After a resume the steps since the last checkpoint are reported again; the last line for a step is the one that
+counts (the values are the same: training resumes bit for bit on CPU)."""
+import json
 import os
 import sys
 import time
@@ -8,6 +13,21 @@ import numpy as np
 
 from oasis_jax import parallel
 from oasis_jax.errors import UserError
+
+
+def read_jsonl(workdir: str, prefix: str = 'train') -> dict:
+  """{step: metrics} from WORKDIR/metrics.jsonl, the last line for each step winning; a line cut short by a kill
+  is skipped."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if record.pop('prefix') == prefix:
+        out[record.pop('step')] = record
+  return out
 
 
 def _duration(seconds: float) -> str:
@@ -21,10 +41,16 @@ class Progress:
   def __init__(self, workdir: str, total_steps: int, start_step: int, name: str):
     self.total, self.name = total_steps, name
     self.last_step, self.last_time = start_step, time.perf_counter()
-    self.writer = None
+    self.writer = self.jsonl = None
     if parallel.is_main_process():
       from tensorboardX import SummaryWriter  # no TensorFlow needed
       self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a+')
+      self.jsonl.seek(0, os.SEEK_END)
+      if self.jsonl.tell() > 0:
+        self.jsonl.seek(self.jsonl.tell() - 1)
+        if self.jsonl.read(1) != '\n':
+          self.jsonl.write('\n')   # ends a line cut short by a killed run
 
   def report(self, step: int, metrics: dict, prefix: str = 'train') -> None:
     now = time.perf_counter()
@@ -34,6 +60,8 @@ class Progress:
       return
     for key, value in metrics.items():
       self.writer.add_scalar(f'{prefix}/{key}', float(value), step)
+    self.jsonl.write(json.dumps({'step': step, 'prefix': prefix, **{k: float(v) for k, v in metrics.items()}}) + '\n')
+    self.jsonl.flush()
     shown = '  '.join(f'{k} {float(v):.4g}' for k, v in metrics.items())
     timing = f'  {rate:.2f} steps/s  ETA {_duration((self.total - step) / rate)}' if rate > 0 and prefix == 'train' else ''
     print(f'[{self.name}] step {step}/{self.total}  {prefix}: {shown}{timing}', flush=True)
@@ -45,6 +73,7 @@ class Progress:
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+      self.jsonl.close()
     sys.stdout.flush()
 
 

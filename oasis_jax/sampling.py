@@ -14,6 +14,7 @@ def load_generator(workdir: str):
   if stage != gan_trainer.STAGE:
     raise UserError(f'{workdir}: holds a {stage} run, expected a stage-2 (gan) workdir')
   stage1_model, stage1_variables, stage1_config = checkpoints.load_stage1(config.vqvae_workdir)
+  gan_trainer.check_stage1_unchanged(config, stage1_config)
   state, _ = checkpoints.restore_raw(checkpoints.best_or_latest(workdir), 'stage-2')
   generator_state = state['0'] if '0' in state else state[0]
   g_variables = {'params': generator_state['ema_params'], 'batch_stats': generator_state['batch_stats']}

@@ -1,0 +1,139 @@
+"""Reliability: kill-anywhere resume, the NaN guard, the bad-input matrix at the CLIs, no unsafe loading."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli
+
+
+def test_killed_runs_resume_bit_for_bit(tmp_path, cache_dir):
+  """bench/soak_resume.py with 2 SIGKILLs per stage (the bench runs 20): resumes from the newest complete
+  checkpoint each time, and the final checkpoint and every step's losses equal an uninterrupted run exactly."""
+  result = subprocess.run([sys.executable, 'bench/soak_resume.py', '--kills=2', '--steps=40', '--seed=1',
+                           f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'OASIS_JAX_CACHE': cache_dir})
+  assert result.returncode == 0, result.stdout + result.stderr
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary['ok'] and [r['stage'] for r in summary['results']] == ['vqvae', 'gan']
+  for stage in summary['results']:
+    assert stage['kills'] == 2 and stage['params_equal'] and stage['losses_equal'] and stage['steps'] == 40
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
+  workdir = tmp_path / 'run'
+  common = ['train_vqvae.py', '--config=configs/vqvae.py:tiny', f'--workdir={workdir}', f'--config.cache_dir={cache_dir}',
+            '--config.log_every_steps=5', '--config.checkpoint_every_steps=5']
+  run_cli(*common, '--config.num_train_steps=5')
+  before = sorted(os.listdir(workdir / 'checkpoints'))
+  stamp = {name: os.path.getmtime(workdir / 'checkpoints' / name) for name in before}
+  result = run_cli(*common, '--config.num_train_steps=30', '--config.learning_rate=1e30', check=False)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert re.fullmatch(r'error: non-finite \S.* at step 10: stopped; the last good checkpoint \(step 5\) is kept\. '
+                      r'Try a lower config\.learning_rate', result.stderr.strip().splitlines()[-1])
+  assert sorted(os.listdir(workdir / 'checkpoints')) == before == ['5']
+  assert {name: os.path.getmtime(workdir / 'checkpoints' / name) for name in before} == stamp
+
+
+@pytest.fixture(scope='module')
+def workdirs(tiny_stage1, tmp_path_factory, cache_dir):
+  gan = str(tmp_path_factory.mktemp('gan_for_matrix') / 'run')
+  run_cli('train_gan.py', '--config=configs/gan.py:tiny', f'--workdir={gan}', f'--config.vqvae_workdir={tiny_stage1["whole"]}',
+          '--config.num_train_steps=10')
+  small = str(tmp_path_factory.mktemp('stage1_4x4') / 'run')   # 32x32 slices, 3 downsamples: 4x4 code maps
+  run_cli('train_vqvae.py', '--config=configs/vqvae.py:tiny', f'--workdir={small}', f'--config.cache_dir={cache_dir}',
+          '--config.image_size=32', '--config.num_downsamples=3', '--config.num_train_steps=2')
+  return {'vqvae': tiny_stage1['whole'], 'gan': gan, 'small': small}
+
+
+def _snapshot(workdir):
+  """Every file under workdir with its size and modification time."""
+  out = {}
+  for folder, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(folder, name)
+      out[path] = (os.path.getsize(path), os.path.getmtime(path))
+  return out
+
+
+MATRIX = [
+    ('unknown config field', ['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--workdir={tmp}/a', '--config.widht=3'],
+     r"error: --config.widht: unknown config field 'widht' \(the config file lists the fields\)"),
+    ('K < 2', ['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--workdir={tmp}/a', '--config.num_embeddings=1'],
+     r'error: config.num_embeddings=1: expected at least 2 codes'),
+    ('negative batch', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={tmp}/a',
+                        '--config.vqvae_workdir={vqvae}', '--config.batch_size=-8'],
+     r'error: config.batch_size=-8: expected a positive number'),
+    ('unknown GAN head', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={tmp}/a',
+                          '--config.vqvae_workdir={vqvae}', '--config.head=pixels'],
+     r"error: config.head='pixels': expected logits \(design a\) or latent \(design b\)"),
+    ('stage-1 workdir missing', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={tmp}/a',
+                                 '--config.vqvae_workdir={tmp}/none'],
+     r'error: \S+/none: stage-1 workdir does not exist \(config.vqvae_workdir\)'),
+    ('stage-1 code maps too small', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={tmp}/a',
+                                     '--config.vqvae_workdir={small}'],
+     r'error: \S+: stage-1 code maps are 4x4; the DCGAN needs a power of two >= 8'),
+    ('stage-1 swapped under a GAN', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={gan}',
+                                     '--config.vqvae_workdir={tmp}/other_stage1'],
+     r'error: config.vqvae_workdir=\S+ differs from \S+ of the run in \S+: use another --workdir to start a new run'),
+    ('stage-1 retrained under a GAN', ['sample.py', '--workdir={tmp}/gan_copy', '--outdir={tmp}/s'],
+     r'error: \S+: stage-1 num_embeddings=16, but this stage-2 run was trained with 32: train stage 2 again in '
+     r'another --workdir'),
+    ('stage-2 model changed', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={gan}',
+                               '--config.vqvae_workdir={vqvae}', '--config.generator_width=4'],
+     r'error: config.generator_width=4 differs from 8 of the run in \S+: use another --workdir to start a new run'),
+    ('stage-1 workdir holds stage 2', ['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--workdir={gan}'],
+     r'error: \S+: holds a gan run, not a vqvae run: use another --workdir'),
+    ('stage-2 workdir holds stage 1', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={vqvae}',
+                                       '--config.vqvae_workdir={vqvae}'],
+     r'error: \S+: holds a vqvae run, not a gan run: use another --workdir'),
+    ('sample.py on a stage-1 workdir', ['sample.py', '--workdir={vqvae}', '--outdir={tmp}/s'],
+     r'error: \S+: holds a vqvae run, expected a stage-2 \(gan\) workdir'),
+    ('evaluate without a workdir', ['-m', 'oasis_jax.evaluate', '--split=test'],
+     r'error: --workdir is required: the directory for checkpoints, logs and images'),
+]
+
+
+@pytest.mark.parametrize('case, args, message', MATRIX, ids=[case for case, _, _ in MATRIX])
+def test_bad_input_matrix(case, args, message, workdirs, tmp_path):
+  if case == 'stage-1 swapped under a GAN':
+    shutil.copytree(workdirs['vqvae'], tmp_path / 'other_stage1')
+  if case == 'stage-1 retrained under a GAN':   # a copy of the GAN whose stage-1 config now says K=16
+    shutil.copytree(workdirs['gan'], tmp_path / 'gan_copy')
+    shutil.copytree(workdirs['vqvae'], tmp_path / 'stage1_copy')
+    with open(tmp_path / 'gan_copy' / 'config.json') as f:
+      saved = json.load(f)
+    saved['config']['vqvae_workdir'] = str(tmp_path / 'stage1_copy')
+    with open(tmp_path / 'gan_copy' / 'config.json', 'w') as f:
+      json.dump(saved, f)
+    with open(tmp_path / 'stage1_copy' / 'config.json') as f:
+      saved = json.load(f)
+    saved['config']['num_embeddings'] = 16
+    with open(tmp_path / 'stage1_copy' / 'config.json', 'w') as f:
+      json.dump(saved, f)
+  before = {name: _snapshot(path) for name, path in workdirs.items()}
+  args = [a.format(tmp=tmp_path, **workdirs) for a in args]
+  result = run_cli(*args, check=False)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+  assert re.fullmatch(message, result.stderr.strip().splitlines()[-1]), result.stderr
+  assert {name: _snapshot(path) for name, path in workdirs.items()} == before   # nothing overwritten
+
+
+UNSAFE = [r'\bpickle\b', r'allow_pickle\s*=\s*True', r'(?<![.\w])eval\(', r'(?<![.\w])exec\(', r'torch\.load\(',
+          r'yaml\.load\(', r'marshal\.']
+
+
+def test_no_unsafe_loading_anywhere():
+  """No pickle, np.load(allow_pickle=True), eval/exec of strings, torch.load, yaml.load or marshal in the code."""
+  found = []
+  for folder in ('oasis_jax', 'configs', 'bench', '.'):
+    for name in sorted(os.listdir(os.path.join(REPO, folder))):
+      path = os.path.join(REPO, folder, name)
+      if name.endswith('.py') and os.path.isfile(path):
+        for number, line in enumerate(open(path), 1):
+          found += [f'{folder}/{name}:{number}: {line.strip()}' for pattern in UNSAFE if re.search(pattern, line)]
+  assert not found, '\n'.join(found)

@@ -6,7 +6,7 @@ DEMO_DIR ?= runs/demo
 # Tests run on 2 virtual CPU devices so that every pmap is exercised across devices.
 TEST_XLA_FLAGS := --xla_force_host_platform_device_count=2
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo docs test bench soak clean-demo
 
 venv: $(VENV)/.installed
 
@@ -23,10 +23,25 @@ demo: venv
 	$(PY) -m oasis_jax.evaluate --workdir=$(DEMO_DIR)/vqvae --split=test
 	$(PY) train_gan.py --config=configs/gan.py:demo --workdir=$(DEMO_DIR)/gan --config.vqvae_workdir=$(DEMO_DIR)/vqvae
 	$(PY) sample.py --num=64 --workdir=$(DEMO_DIR)/gan --outdir=$(DEMO_DIR)/samples
+	$(PY) -m oasis_jax.evaluate --workdir=$(DEMO_DIR)/gan --split=test
 	@echo "make demo: 64 samples in $(DEMO_DIR)/samples/ (overview: $(DEMO_DIR)/samples/grid.png)"
 
+# The README's pictures, from the demo's own outputs (run `make demo` first).
+docs:
+	$(PY) -c "from oasis_jax import images; \
+	  images.thumbnail('$(DEMO_DIR)/vqvae/images/eval_test.png', 'docs/demo_reconstructions.png', 1024); \
+	  images.thumbnail('$(DEMO_DIR)/samples/grid.png', 'docs/demo_samples.png', 640); \
+	  images.thumbnail('$(DEMO_DIR)/gan/images/eval_test.png', 'docs/demo_eval_gan.png', 1024)"
+
 bench: venv
+	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	$(PY) bench/data_pipeline.py
+	$(PY) bench/train_step.py
+	$(PY) bench/train_gan_step.py
+	$(PY) bench/sample.py
+
+soak: venv
+	$(PY) bench/soak_resume.py --kills=20
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -7,6 +7,7 @@ from oasis_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/gan.py', 'Stage-2 config file (and :variant).', lock_config=True)
+cli.define_distributed_flags()
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and samples; re-run to resume.')
 
 

@@ -23,10 +23,12 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.head = 'logits'
   config.gumbel_temperature = 1.0
   config.latent_commitment = 0.25  # head 'latent': weight of ||latent - its codebook vector||^2
-  # Stabilisers (0 = off).
+  # Stabilisers (0 = off). Measured on the demo (README, "Stage 2 designs"): without the minibatch-std feature and R1
+  # the generator collapses to one slice (samples' MS-SSIM 0.90 vs 0.52 for real slices); with both it covers the
+  # brain's levels (0.53).
   config.loss = 'nonsaturating'  # or 'hinge'
-  config.r1_gamma = 0.0          # R1 gradient penalty on real code maps
-  config.minibatch_std_group = 0 # minibatch standard-deviation feature in the discriminator (group size)
+  config.r1_gamma = 1.0          # R1 gradient penalty on real code maps
+  config.minibatch_std_group = 4 # minibatch standard-deviation feature in the discriminator (group size)
   config.generator_ema = 0.0     # EMA decay of the generator weights that samples are drawn from
   # Optimisation (Radford et al.: Adam 2e-4, beta1 0.5).
   config.seed = 0
@@ -48,7 +50,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.discriminator_width = 32
     config.batch_size = 32
     config.learning_rate = 5e-4
-    config.num_train_steps = 300   # ~0.85 steps/s on a 2-core CPU
+    config.num_train_steps = 600   # ~3 steps/s on a 2-core CPU
     config.log_every_steps = 50
     config.sample_every_steps = 100
     config.checkpoint_every_steps = 100

@@ -23,6 +23,9 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.num_downsamples = 2
   config.upsample = 'subpixel'   # or 'transpose' (the seed's stride-2 transposed convs)
   config.dtype = 'float32'       # or 'bfloat16' compute (params and quantiser stay float32)
+  # How convolutions are computed (same parameters, same results): 'xla' (XLA's convolution op), 'im2col' (one
+  # GEMM per layer) or 'auto' (per layer, the faster on XLA:CPU by bench/conv_layers.py; see README, Performance).
+  config.conv_impl = 'auto'
   # Quantiser (Sonnet VectorQuantizerEMA).
   config.commitment_cost = 0.25
   config.ema_decay = 0.99

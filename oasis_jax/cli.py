@@ -2,7 +2,7 @@
 import os
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from oasis_jax.errors import UserError
 
@@ -12,12 +12,38 @@ def run(main):
 
   def wrapped(argv):
     logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax, TFDS) hides the progress lines
-    enable_compilation_cache()
     try:
+      initialize_distributed()
+      enable_compilation_cache()
       return main(argv)
     except UserError as error:
       sys.exit(f'error: {error}')
   return wrapped
+
+
+def define_distributed_flags() -> None:
+  """Flags of the training scripts for multi-process runs (one process per host, as on Cloud TPU pods or SLURM)."""
+  flags.DEFINE_string('coordinator_address', os.environ.get('OASIS_JAX_COORDINATOR'),
+                      'host:port of process 0 for a multi-process run (jax.distributed); "auto" lets JAX read it '
+                      'from the environment (Cloud TPU, SLURM, ...). Unset: one process.')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address=host:port).')
+  flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 (with --coordinator_address).')
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize from the flags above, where the script defines them and one is set."""
+  address = flags.FLAGS['coordinator_address'].value if 'coordinator_address' in flags.FLAGS else None
+  if not address:
+    return
+  import jax
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')   # CPU collectives across processes
+  if address == 'auto':
+    jax.distributed.initialize()
+    return
+  count, index = flags.FLAGS.num_processes, flags.FLAGS.process_id
+  if count is None or index is None or not 0 <= index < count:
+    raise UserError(f'--coordinator_address={address}: expected --num_processes=N and --process_id in [0, N)')
+  jax.distributed.initialize(address, count, index)
 
 
 def parse_flags(argv):

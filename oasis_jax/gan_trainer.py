@@ -267,7 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding = input_pipeline.current_sharding(config.batch_size, stage1_config.image_size)
   checkpoints.write_config(workdir, config, STAGE,
                            must_match=MODEL_FIELDS + ('vqvae_workdir', 'stage1_model', 'batch_size', 'seed'))
-  builder = tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir)
+  builder = parallel.main_process_first(
+      lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))
   train_source = builder.as_data_source('train')
   if len(train_source) < config.batch_size:
     raise UserError(f'config.batch_size={config.batch_size}: larger than the training split ({len(train_source)})')

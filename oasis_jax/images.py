@@ -28,3 +28,12 @@ def save_png(array_uint8: np.ndarray, file: str) -> None:
   tmp = file + '.tmp'
   Image.fromarray(np.asarray(array_uint8).squeeze()).save(tmp, format='PNG')
   os.replace(tmp, file)
+
+
+def thumbnail(source: str, destination: str, width: int) -> None:
+  """A copy of a PNG scaled down to at most `width` pixels wide (for the README's pictures)."""
+  image = Image.open(source)
+  if image.width > width:
+    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+  os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
+  image.save(destination, format='PNG', optimize=True)

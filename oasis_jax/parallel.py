@@ -22,6 +22,17 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def main_process_first(fn):
+  """fn() on process 0, then, after a barrier, on the other processes: e.g. preparing the shared dataset cache once
+  (the others then find it prepared). Single-process runs just call fn()."""
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+  result = fn() if is_main_process() else None
+  multihost_utils.sync_global_devices('oasis_jax: main process first')
+  return result if is_main_process() else fn()
+
+
 def global_row_sample(vectors, key, count: int):
   """`count` rows drawn uniformly from the global batch (all devices' `vectors` [n, D] stacked in device order).
 

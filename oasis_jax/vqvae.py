@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oasis_jax.convolution import Conv
+
 VQ = 'vq'  # the variable collection holding the codebook state
 
 
@@ -29,12 +31,13 @@ class ResidualStack(nn.Module):
   num_residual_layers: int
   num_residual_hiddens: int
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
     for _ in range(self.num_residual_layers):
-      h = nn.Conv(self.num_residual_hiddens, (3, 3), dtype=self.dtype)(nn.relu(x))
-      x = x + nn.Conv(self.num_hiddens, (1, 1), dtype=self.dtype)(nn.relu(h))
+      h = Conv(self.num_residual_hiddens, (3, 3), impl=self.conv_impl, dtype=self.dtype)(nn.relu(x))
+      x = x + Conv(self.num_hiddens, (1, 1), impl=self.conv_impl, dtype=self.dtype)(nn.relu(h))
     return nn.relu(x)
 
 
@@ -50,11 +53,12 @@ class Upsample(nn.Module):
   features: int
   kind: str = 'subpixel'
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
     if self.kind == 'subpixel':
-      return depth_to_space(nn.Conv(4 * self.features, (3, 3), dtype=self.dtype)(x))
+      return depth_to_space(Conv(4 * self.features, (3, 3), impl=self.conv_impl, dtype=self.dtype)(x))
     if self.kind == 'transpose':
       return nn.ConvTranspose(self.features, (4, 4), strides=(2, 2), dtype=self.dtype)(x)
     raise ValueError(f'unknown upsample kind {self.kind!r}')
@@ -67,15 +71,19 @@ class Encoder(nn.Module):
   embedding_dim: int
   num_downsamples: int = 2
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
+    def conv(features, size, stride=1):
+      return Conv(features, (size, size), (stride, stride), self.conv_impl, self.dtype)
     for i in range(self.num_downsamples):
       width = self.num_hiddens if i == self.num_downsamples - 1 else self.num_hiddens // 2
-      x = nn.relu(nn.Conv(width, (4, 4), strides=(2, 2), dtype=self.dtype)(x))
-    x = nn.Conv(self.num_hiddens, (3, 3), dtype=self.dtype)(x)
-    x = ResidualStack(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens, self.dtype)(x)
-    return nn.Conv(self.embedding_dim, (1, 1), dtype=self.dtype)(x)
+      x = nn.relu(conv(width, 4, 2)(x))
+    x = conv(self.num_hiddens, 3)(x)
+    x = ResidualStack(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens, self.dtype,
+                      self.conv_impl)(x)
+    return conv(self.embedding_dim, 1)(x)
 
 
 class Decoder(nn.Module):
@@ -85,14 +93,16 @@ class Decoder(nn.Module):
   num_downsamples: int = 2
   upsample: str = 'subpixel'
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.num_hiddens, (3, 3), dtype=self.dtype)(x)
-    x = ResidualStack(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens, self.dtype)(x)
+    x = Conv(self.num_hiddens, (3, 3), impl=self.conv_impl, dtype=self.dtype)(x)
+    x = ResidualStack(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens, self.dtype,
+                      self.conv_impl)(x)
     for i in range(self.num_downsamples):
       last = i == self.num_downsamples - 1
-      x = Upsample(1 if last else self.num_hiddens // 2, self.upsample, self.dtype)(x)
+      x = Upsample(1 if last else self.num_hiddens // 2, self.upsample, self.dtype, self.conv_impl)(x)
       x = x if last else nn.relu(x)
     return x
 
@@ -125,12 +135,13 @@ class VQVAE(nn.Module):
   num_downsamples: int = 2
   upsample: str = 'subpixel'
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'    # 'im2col': convolutions as one GEMM each (oasis_jax/convolution.py); same parameters
 
   def setup(self):
     self.encoder = Encoder(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens,
-                           self.embedding_dim, self.num_downsamples, self.dtype)
+                           self.embedding_dim, self.num_downsamples, self.dtype, self.conv_impl)
     self.decoder = Decoder(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens,
-                           self.num_downsamples, self.upsample, self.dtype)
+                           self.num_downsamples, self.upsample, self.dtype, self.conv_impl)
     k, d = self.num_embeddings, self.embedding_dim
     self.codebook = self.variable(VQ, 'codebook', lambda: codebook_init(self.make_rng('params'), k, d))
     self.ema_counts = self.variable(VQ, 'ema_counts', lambda: jnp.zeros((k,), jnp.float32))
@@ -168,7 +179,8 @@ def model_from_config(config) -> VQVAE:
   return VQVAE(num_hiddens=config.num_hiddens, num_residual_layers=config.num_residual_layers,
                num_residual_hiddens=config.num_residual_hiddens, embedding_dim=config.embedding_dim,
                num_embeddings=config.num_embeddings, num_downsamples=config.num_downsamples,
-               upsample=config.upsample, dtype=jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32)
+               upsample=config.upsample, dtype=jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32,
+               conv_impl=config.get('conv_impl', 'xla'))
 
 
 def code_statistics(codes, vectors, num_embeddings: int):

@@ -41,6 +41,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
   if config.best_metric not in ('ssim', 'psnr'):
     raise UserError(f'config.best_metric={config.best_metric!r}: expected ssim or psnr')
+  if config.conv_impl not in ('xla', 'im2col', 'auto'):
+    raise UserError(f'config.conv_impl={config.conv_impl!r}: expected xla, im2col or auto')
   if config.dtype not in ('float32', 'bfloat16'):
     raise UserError(f'config.dtype={config.dtype!r}: expected float32 or bfloat16')
 
@@ -82,35 +84,35 @@ def train_step(state: TrainState, batch, key, *, config, data_variance: float):
 
 
 def make_eval_step(model: vqvae.VQVAE, num_embeddings: int):
-  """pmapped: per-image SSIM/PSNR, and the code counts of the real (mask) rows summed over devices."""
+  """pmapped: sums of per-image SSIM/PSNR over the real (mask) rows and their code counts, summed over all devices
+  of all processes (so every process gets the global figures), and this device's reconstructions."""
 
   def step(variables, batch, mask):
     reconstruction, _, _, codes = model.apply(variables, batch)
-    weights = mask[:, None, None].astype(jnp.float32) * jnp.ones(codes.shape, jnp.float32)
+    real = mask.astype(jnp.float32)
+    weights = real[:, None, None] * jnp.ones(codes.shape, jnp.float32)
     counts = jax.nn.one_hot(codes, num_embeddings).reshape(-1, num_embeddings).T @ weights.reshape(-1)
-    return {'ssim': metrics.ssim(reconstruction, batch), 'psnr': metrics.psnr(reconstruction, batch),
-            'counts': jax.lax.psum(counts, parallel.AXIS), 'reconstruction': jnp.clip(reconstruction, 0, 1)}
+    sums = {'ssim': jnp.sum(metrics.ssim(reconstruction, batch) * real),
+            'psnr': jnp.sum(metrics.psnr(reconstruction, batch) * real), 'images': jnp.sum(real), 'counts': counts}
+    return jax.lax.psum(sums, parallel.AXIS), jnp.clip(reconstruction, 0, 1)
   return jax.pmap(step, axis_name=parallel.AXIS)
 
 
 def evaluate_split(p_eval_step, p_variables, source, sharding, max_images: int = -1):
   """SSIM, PSNR, perplexity and codes used over a split; plus the first batch's images and reconstructions."""
-  ssims, psnrs, counts, first = [], [], 0.0, None
-  seen = 0
+  totals, first = None, None
   for batch, mask in input_pipeline.eval_batches(source, sharding):
-    out = jax.device_get(p_eval_step(p_variables, batch, mask))
-    ssims.append(out['ssim'][mask])
-    psnrs.append(out['psnr'][mask])
-    counts = counts + out['counts'][0]
+    sums, reconstruction = jax.device_get(p_eval_step(p_variables, batch, mask))
+    sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     if first is None:
-      first = (batch[mask], out['reconstruction'][mask])
-    seen += int(mask.sum())
-    if 0 < max_images <= seen:
+      first = (batch[mask], reconstruction[mask])
+    if 0 < max_images <= totals['images']:
       break
-  counts = np.asarray(counts)
-  result = {'ssim': float(np.mean(np.concatenate(ssims))), 'psnr': float(np.mean(np.concatenate(psnrs))),
+  counts = totals['counts']
+  result = {'ssim': float(totals['ssim'] / totals['images']), 'psnr': float(totals['psnr'] / totals['images']),
             'perplexity': float(vqvae.perplexity(jnp.asarray(counts))), 'codes_used': int((counts > 0).sum()),
-            'images': seen}
+            'images': int(totals['images'])}
   return result, first
 
 
@@ -143,7 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_config(config)
   sharding = input_pipeline.current_sharding(config.batch_size, config.image_size)
   checkpoints.write_config(workdir, config, STAGE, must_match=MODEL_FIELDS + ('dataset', 'batch_size', 'seed'))
-  builder = tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir)
+  builder = parallel.main_process_first(
+      lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))
   train_source, validate_source = builder.as_data_source('train'), builder.as_data_source('validate')
   total_steps = num_steps(config, len(train_source))
   variance = data_variance(train_source, config.image_size)
@@ -181,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       p_variables = {'params': p_state.params, vqvae.VQ: p_state.vq}
       validation, (originals, reconstructions) = evaluate_split(p_eval_step, p_variables, validate_source, sharding,
                                                                 config.max_eval_images)
-      log.report(step, {k: v for k, v in validation.items() if k != 'images'}, prefix='validate')
+      log.report(step, validation, prefix='validate')
       grid = comparison_grid(originals, reconstructions)
       log.image(step, 'validate/originals_over_reconstructions', grid)
       if parallel.is_main_process():

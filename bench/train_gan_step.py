@@ -1,0 +1,109 @@
+"""Stage-2 G+D train step: oasis_jax vs a PyTorch peer of the same models, and against this machine's GEMM peak.
+
+    python bench/train_gan_step.py [--sizes=seed,demo] [--rounds=5]
+
+seed: the `default` GAN recipe over the `default` stage 1 (64x64 code maps, K=512, D=64, batch 64, widths 64);
+demo: the `demo` recipes (32x32 codes, K=64, D=16, batch 32, widths 32). Both with the logits head, minibatch std
+and R1 as configured. oasis_jax's real pmapped step (1 device) vs bench/torch_dcgan.py eager and torch.compile, in
+alternating rounds; median images/s, the ratio, and FLOP/s from XLA's cost analysis vs the fp32 GEMM peak.
+"""
+import argparse
+import functools
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import gan as gan_configs  # noqa: E402
+from configs import vqvae as vqvae_configs  # noqa: E402
+from oasis_jax import gan_trainer, parallel  # noqa: E402
+from train_step import alternating_medians, machine_header  # noqa: E402
+
+
+def jax_runner(config, stage1, real_codes, codebook):
+  states = gan_trainer.create_states(config, stage1, jax.random.key(0))
+  generator, discriminator = gan_trainer.make_models(config, stage1, axis_name=parallel.AXIS)
+  step = jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
+                                    discriminator=discriminator),
+                  axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None))
+  holder = {'states': parallel.replicate(states)}
+  codes, key = real_codes[None], jax.random.key(1)
+  cost = step.lower(holder['states'], codes, key, codebook).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+
+  def run(steps):
+    for _ in range(steps):
+      holder['states'], metrics = step(holder['states'], codes, key, codebook)
+    jax.block_until_ready(metrics)
+  run(1)
+  return run, float(cost.get('flops', 0.0))
+
+
+def torch_runner(config, stage1, real_codes, codebook, compiled):
+  import torch
+  import torch_dcgan
+  torch.manual_seed(0)
+  size = gan_trainer.code_size(stage1)
+  generator = torch_dcgan.Generator(size, stage1.num_embeddings, config.generator_width, config.latent_dim)
+  discriminator = torch_dcgan.Discriminator(size, stage1.embedding_dim, config.discriminator_width,
+                                            config.minibatch_std_group)
+  step = torch_dcgan.make_train_step(generator, discriminator, torch.from_numpy(np.asarray(codebook)),
+                                     config.latent_dim, config.learning_rate, config.r1_gamma)
+  if compiled:
+    step = torch.compile(step)
+  codes = torch.from_numpy(np.asarray(real_codes, np.int64))
+
+  def run(steps):
+    for _ in range(steps):
+      loss = step(codes)
+    float(loss)
+  run(2)
+  return run
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--sizes', default='seed,demo')
+  parser.add_argument('--rounds', type=int, default=5)
+  args = parser.parse_args()
+  peak = machine_header()
+  summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}
+  for size in args.sizes.split(','):
+    variant = 'default' if size == 'seed' else size
+    config, stage1 = gan_configs.get_config(variant), vqvae_configs.get_config(variant)
+    s, k = gan_trainer.code_size(stage1), stage1.num_embeddings
+    rng = np.random.default_rng(0)
+    real_codes = rng.integers(0, k, (config.batch_size, s, s)).astype(np.int32)
+    codebook = rng.standard_normal((k, stage1.embedding_dim)).astype(np.float32)
+    runners = {}
+    runners['oasis_jax'], flops = jax_runner(config, stage1, real_codes, codebook)
+    for mode in ('eager', 'compiled'):
+      try:
+        runners[f'torch {mode}'] = torch_runner(config, stage1, real_codes, codebook, mode == 'compiled')
+      except Exception as error:
+        print(f'  torch {mode}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
+    steps = 2 if size == 'seed' else 5
+    medians = alternating_medians(runners, args.rounds, steps)
+    print(f'\n{size}: {s}x{s} code maps, K={k}, D={stage1.embedding_dim}, batch {config.batch_size}, widths '
+          f'{config.generator_width}; {args.rounds} alternating rounds of {steps} steps')
+    rates = {}
+    for name, median in medians.items():
+      rates[name] = config.batch_size / median
+      print(f'  {name:16} {median:8.3f} s/step {rates[name]:9.1f} images/s')
+    best_torch = max((v for n, v in rates.items() if n.startswith('torch')), default=float('nan'))
+    achieved = flops * rates['oasis_jax'] / config.batch_size
+    print(f'  ratio oasis_jax / best torch: {rates["oasis_jax"] / best_torch:.2f}x;  oasis_jax {flops / 1e9:.2f} '
+          f'GFLOP/step, {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the GEMM peak', flush=True)
+    summary['sizes'][size] = {'images_per_s': rates, 'ratio_vs_best_torch': rates['oasis_jax'] / best_torch,
+                              'gflop_per_step': flops / 1e9, 'fraction_of_gemm_peak': achieved / peak}
+  print(json.dumps(summary))
+
+
+if __name__ == '__main__':
+  main()

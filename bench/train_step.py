@@ -1,0 +1,158 @@
+"""Stage-1 train step: oasis_jax vs a PyTorch peer of the same architecture, and against this machine's GEMM peak.
+
+    python bench/train_step.py [--sizes=seed,demo] [--rounds=5]
+
+For each size (seed: the `default` recipe, 256x256 slices at batch 32, 64x64 codes, K=512; demo: the `demo`
+recipe) it times oasis_jax's real pmapped train step (1 device, fp32, donated state) and the PyTorch peer
+(bench/torch_vqvae.py: eager and torch.compile, the seed's transposed-conv upsampling and the sub-pixel form JAX
+uses), in alternating rounds in one process, and prints the median images/s of each, the ratio JAX / best PyTorch,
+and JAX's achieved FLOP/s (FLOPs from XLA's cost analysis of the compiled step) as a fraction of the median
+jitted fp32 GEMM FLOP/s. Needs bench/requirements.txt (torch==2.13.0, the CPU build on these machines).
+"""
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import vqvae as vqvae_configs  # noqa: E402
+from oasis_jax import parallel, vqvae_trainer  # noqa: E402
+
+
+def gemm_peak(n=2048, repeats=5):
+  """Median FLOP/s of a jitted fp32 n x n matmul (a chain of 4, so dispatch is negligible)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32) / np.sqrt(n)
+
+  @jax.jit
+  def chain(x):
+    for _ in range(4):
+      x = x @ a
+    return x
+  chain(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    chain(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 4 * 2 * n ** 3 / statistics.median(times)
+
+
+def machine_header() -> float:
+  """Prints what the figures were measured on (cores, versions, GEMM peak) and returns the peak FLOP/s."""
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  peak = gemm_peak()
+  print(f'machine: {os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}, torch '
+        f'{torch.__version__}; jitted fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s', flush=True)
+  return peak
+
+
+def alternating_medians(runners: dict, rounds: int, steps: int) -> dict:
+  """Median seconds per step of each runner(steps), timed in alternating rounds so that drifts in machine speed
+  hit all alike."""
+  times = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, run in runners.items():
+      start = time.perf_counter()
+      run(steps)
+      times[name].append((time.perf_counter() - start) / steps)
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
+def jax_runner(config, batch):
+  """oasis_jax's pmapped train step on one device, as train_vqvae.py runs it."""
+  state = vqvae_trainer.create_state(config, jax.random.key(0))
+  p_state = parallel.replicate(state)
+  step = jax.pmap(functools.partial(vqvae_trainer.train_step, config=config, data_variance=0.08),
+                  axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None))
+  images = jnp.asarray(batch[None])
+  key = jax.random.key(1)
+  compiled = step.lower(p_state, images, key).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0))
+  holder = {'state': p_state}
+
+  def run(steps):
+    for _ in range(steps):
+      holder['state'], metrics = step(holder['state'], images, key)
+    jax.block_until_ready(metrics)
+  run(1)
+  return run, flops
+
+
+def torch_runner(config, batch, kind, compiled):
+  import torch
+  import torch_vqvae
+  torch.manual_seed(0)
+  cfg = config.copy_and_resolve_references()
+  cfg.upsample = kind
+  model = torch_vqvae.VQVAE(cfg)
+  step = torch_vqvae.make_train_step(model, cfg.learning_rate, 0.08)
+  if compiled:
+    step = torch.compile(step)
+  images = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+
+  def run(steps):
+    for _ in range(steps):
+      loss = step(images)
+    float(loss)
+  run(2)   # compile / warm up
+  return run
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--sizes', default='seed,demo')
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--torch', default='transpose-eager,transpose-compiled,subpixel-eager,subpixel-compiled')
+  parser.add_argument('--conv_impls', default='xla,auto', help='oasis_jax variants (config.conv_impl) to time')
+  args = parser.parse_args()
+  peak = machine_header()
+  summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}
+  for size in args.sizes.split(','):
+    config = vqvae_configs.get_config('default' if size == 'seed' else size)
+    batch = np.random.default_rng(0).random((config.batch_size, config.image_size, config.image_size, 1),
+                                            np.float32)
+    steps = 1 if size == 'seed' else 3
+    runners, flops = {}, {}
+    for impl in args.conv_impls.split(','):
+      config.conv_impl = impl
+      runners[f'oasis_jax conv {impl}'], flops[f'oasis_jax conv {impl}'] = jax_runner(config, batch)
+    for name in args.torch.split(','):
+      kind, mode = name.split('-')
+      try:
+        runners[f'torch {name}'] = torch_runner(config, batch, kind, mode == 'compiled')
+      except Exception as error:   # torch.compile needs a working C++ toolchain; report, don't hide
+        print(f'  torch {name}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
+    medians = alternating_medians(runners, args.rounds, steps)
+    print(f'\n{size}: {config.image_size}x{config.image_size}, batch {config.batch_size}, hidden '
+          f'{config.num_hiddens}, K={config.num_embeddings}, {args.rounds} alternating rounds of {steps} step(s)')
+    print(f'  {"implementation":28} {"s/step":>8} {"images/s":>9}')
+    rates = {}
+    for name, median in medians.items():
+      rates[name] = config.batch_size / median
+      print(f'  {name:28} {median:8.3f} {rates[name]:9.2f}')
+    best_torch = max((v for k, v in rates.items() if k.startswith('torch')), default=float('nan'))
+    summary['sizes'][size] = {'images_per_s': rates}
+    for name in flops:
+      achieved = flops[name] * rates[name] / config.batch_size
+      print(f'  {name}: {rates[name] / best_torch:.2f}x the best torch;  {flops[name] / 1e9:.1f} GFLOP/step, '
+            f'{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the GEMM peak', flush=True)
+      summary['sizes'][size][name] = {'ratio_vs_best_torch': rates[name] / best_torch,
+                                      'gflop_per_step': flops[name] / 1e9, 'fraction_of_gemm_peak': achieved / peak}
+  print(json.dumps(summary))
+
+
+if __name__ == '__main__':
+  main()

@@ -50,10 +50,10 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.discriminator_width = 32
     config.batch_size = 32
     config.learning_rate = 5e-4
-    config.num_train_steps = 600   # ~3 steps/s on a 2-core CPU
+    config.num_train_steps = 1000  # ~3 steps/s on a 2-core CPU; validation SWD 88 at 600 steps, 79 at 1000
     config.log_every_steps = 50
-    config.sample_every_steps = 100
-    config.checkpoint_every_steps = 100
+    config.sample_every_steps = 200
+    config.checkpoint_every_steps = 200
   elif variant == 'tiny':
     config.generator_width = 8
     config.discriminator_width = 8

@@ -22,9 +22,10 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 def pick(in_channels: int, out_channels: int) -> str:
   """The faster form on XLA:CPU by bench/conv_layers.py (2-core CPU, seed layers at batch 32): im2col wins
-  1.4-2x once both sides are wide (64->128 4x4/2, 128->128 3x3, 128->256 3x3) and loses 1.6-2.8x on narrow
-  layers (1->64, 128->32, 64->4), where its patch copies outweigh the GEMM."""
-  return 'im2col' if in_channels >= 16 and out_channels >= 64 else 'xla'
+  1.4-2x where both sides are wide (64->128 4x4/2, 128->128 3x3, 128->256 3x3) and loses 1.6-2.8x on narrow
+  layers (1->64, 128->32, 64->4), where its patch copies outweigh the GEMM. The demo's 32-wide layers ran slower
+  with im2col too (bench/train_step.py), hence both sides >= 64."""
+  return 'im2col' if in_channels >= 64 and out_channels >= 64 else 'xla'
 
 
 def conv(x, kernel, stride: int = 1, impl: str = 'xla'):

@@ -35,6 +35,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.seed = 0
   config.batch_size = 32
   config.learning_rate = 1e-3
+  config.lr_schedule = 'constant'  # or 'cosine': warm-up, then decay to 1 % (README, Results)
   config.num_epochs = 4
   config.num_train_steps = -1    # > 0 overrides num_epochs
   # Bookkeeping.

@@ -35,6 +35,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.image_size={config.image_size}: expected a multiple of 2**num_downsamples')
   if not 0 < config.ema_decay < 1:
     raise UserError(f'config.ema_decay={config.ema_decay}: expected a value in (0, 1)')
+  if config.lr_schedule not in ('constant', 'cosine'):
+    raise UserError(f'config.lr_schedule={config.lr_schedule!r}: expected constant or cosine')
   if config.learning_rate <= 0:
     raise UserError(f'config.learning_rate={config.learning_rate}: expected a positive number')
   if config.upsample not in ('subpixel', 'transpose'):
@@ -47,14 +49,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.dtype={config.dtype!r}: expected float32 or bfloat16')
 
 
-def create_state(config, key) -> TrainState:
+def learning_rate(config, total_steps: int):
+  """config.lr_schedule: 'constant' (the seed's Adam 1e-3) or 'cosine' (linear warm-up over the first 2 % of the
+  steps, then cosine decay to 1 % of config.learning_rate at total_steps)."""
+  if config.lr_schedule == 'constant':
+    return config.learning_rate
+  return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(1, total_steps // 50), total_steps,
+                                            config.learning_rate * 0.01)
+
+
+def create_state(config, key, total_steps: int = 0) -> TrainState:
   """The initial state: model parameters, codebook state and Adam state (one compiled computation)."""
   model = vqvae.model_from_config(config)
+  schedule = learning_rate(config, total_steps or max(config.num_train_steps, 1))
 
   def create(key):
     variables = model.init(key, jnp.zeros((1, config.image_size, config.image_size, 1), jnp.float32))
     return TrainState.create(apply_fn=model.apply, params=variables['params'], vq=variables[vqvae.VQ],
-                             tx=optax.adam(config.learning_rate))
+                             tx=optax.adam(schedule))
   return jax.jit(create)(key)
 
 
@@ -144,14 +156,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains stage 1 in workdir (resuming from its latest checkpoint) and returns the last validation metrics."""
   check_config(config)
   sharding = input_pipeline.current_sharding(config.batch_size, config.image_size)
-  checkpoints.write_config(workdir, config, STAGE, must_match=MODEL_FIELDS + ('dataset', 'batch_size', 'seed'))
+  checkpoints.write_config(workdir, config, STAGE,
+                           must_match=MODEL_FIELDS + ('dataset', 'batch_size', 'seed', 'lr_schedule'))
   builder = parallel.main_process_first(
       lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))
   train_source, validate_source = builder.as_data_source('train'), builder.as_data_source('validate')
   total_steps = num_steps(config, len(train_source))
   variance = data_variance(train_source, config.image_size)
 
-  state = create_state(config, jax.random.key(config.seed))
+  state = create_state(config, jax.random.key(config.seed), total_steps)
   iterator = input_pipeline.train_iterator(train_source, sharding, config.seed)
   store = checkpoints.Checkpoints(workdir, best_metric=config.best_metric)
   restored = store.restore_latest(jax.device_get(state))

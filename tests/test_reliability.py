@@ -26,8 +26,8 @@ def test_killed_runs_resume_bit_for_bit(tmp_path, cache_dir):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
   workdir = tmp_path / 'run'
-  common = ['train_vqvae.py', '--config=configs/vqvae.py:tiny', f'--workdir={workdir}', f'--config.cache_dir={cache_dir}',
-            '--config.log_every_steps=5', '--config.checkpoint_every_steps=5']
+  common = ['train_vqvae.py', '--config=configs/vqvae.py:tiny', f'--workdir={workdir}',
+            f'--config.cache_dir={cache_dir}', '--config.log_every_steps=5', '--config.checkpoint_every_steps=5']
   run_cli(*common, '--config.num_train_steps=5')
   before = sorted(os.listdir(workdir / 'checkpoints'))
   stamp = {name: os.path.getmtime(workdir / 'checkpoints' / name) for name in before}
@@ -42,8 +42,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cach
 @pytest.fixture(scope='module')
 def workdirs(tiny_stage1, tmp_path_factory, cache_dir):
   gan = str(tmp_path_factory.mktemp('gan_for_matrix') / 'run')
-  run_cli('train_gan.py', '--config=configs/gan.py:tiny', f'--workdir={gan}', f'--config.vqvae_workdir={tiny_stage1["whole"]}',
-          '--config.num_train_steps=10')
+  run_cli('train_gan.py', '--config=configs/gan.py:tiny', f'--workdir={gan}',
+          f'--config.vqvae_workdir={tiny_stage1["whole"]}', '--config.num_train_steps=10')
   small = str(tmp_path_factory.mktemp('stage1_4x4') / 'run')   # 32x32 slices, 3 downsamples: 4x4 code maps
   run_cli('train_vqvae.py', '--config=configs/vqvae.py:tiny', f'--workdir={small}', f'--config.cache_dir={cache_dir}',
           '--config.image_size=32', '--config.num_downsamples=3', '--config.num_train_steps=2')
@@ -61,7 +61,8 @@ def _snapshot(workdir):
 
 
 MATRIX = [
-    ('unknown config field', ['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--workdir={tmp}/a', '--config.widht=3'],
+    ('unknown config field',
+     ['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--workdir={tmp}/a', '--config.widht=3'],
      r"error: --config.widht: unknown config field 'widht' \(the config file lists the fields\)"),
     ('K < 2', ['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--workdir={tmp}/a', '--config.num_embeddings=1'],
      r'error: config.num_embeddings=1: expected at least 2 codes'),

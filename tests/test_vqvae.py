@@ -153,6 +153,15 @@ def test_bfloat16_compute_keeps_float32_state_and_tracks_the_float32_step(tiny_b
   np.testing.assert_allclose(losses['bfloat16'], losses['float32'], rtol=0.05)
 
 
+def test_learning_rate_schedules():
+  config = vqvae_configs.get_config('tiny')
+  assert vqvae_trainer.learning_rate(config, 1000) == config.learning_rate == 3e-3
+  config.lr_schedule = 'cosine'
+  schedule = vqvae_trainer.learning_rate(config, 1000)   # warm-up 20 steps, then cosine to 1 % at step 1000
+  np.testing.assert_allclose([schedule(0), schedule(10), schedule(20), schedule(510), schedule(1000)],
+                             [0.0, 1.5e-3, 3e-3, 0.5 * (3e-3 + 3e-5), 3e-5], rtol=1e-3, atol=1e-9)
+
+
 def test_checkpoint_restore_equals_save(tmp_path):
   config = vqvae_configs.get_config('tiny')
   state = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(3)))

@@ -34,9 +34,9 @@ def conv(x, kernel, stride: int = 1, impl: str = 'xla'):
   k = kernel.shape[0]
   if impl == 'auto':
     impl = pick(kernel.shape[2], kernel.shape[3])
-  if impl == 'xla' or k == 1 and stride == 1:
-    if k == 1 and stride == 1:   # a 1x1 convolution is a matrix multiply in either form
-      return x @ kernel[0, 0]
+  if k == 1 and stride == 1:   # a 1x1 convolution is a matrix multiply in either form
+    return x @ kernel[0, 0]
+  if impl == 'xla':
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), 'SAME',
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   n, h, w, c = x.shape

@@ -4,8 +4,8 @@ Codes are categorical, not intensities. The generator maps z ~ N(0, I) (dim 100)
 codes, [N, s, s, K]. For the discriminator these become codes through a straight-through Gumbel-softmax: the forward
 pass uses the one-hot of argmax(logits + Gumbel noise) (a valid code map), the backward pass the gradient of
 softmax((logits + g) / tau). The discriminator sees codebook embeddings: one-hot codes @ the frozen stage-1 codebook,
-[N, s, s, D]; real code maps of training slices are embedded the same way. Sampling takes argmax(logits), so every
-generated code is an index in [0, K) that stage 1's decoder can render.
+[N, s, s, D]; real code maps of training slices are embedded the same way. Sampling draws codes the way training
+does, argmax(logits + Gumbel noise), so every generated code is an index in [0, K) that stage 1's decoder can render.
 
 Generator: dense to 4x4 x (width * 2^(L-1)), then L = log2(s / 4) x2 upsamplings (sub-pixel convs, or the DCGAN
 paper's 4x4 stride-2 transposed convs), each followed by batch norm (statistics averaged over devices under pmap) and

@@ -47,22 +47,21 @@ def evaluate_vqvae(workdir: str, split: str, batch_size: int) -> dict:
 
 def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int) -> dict:
   import numpy as np
-  from oasis_jax import checkpoints, gan_trainer, images, metrics, parallel, sampling, tfds_oasis
-  sample, g_variables, stage1_variables, config = sampling.load_generator(workdir)
-  stage1_model, _, stage1_config = checkpoints.load_stage1(config.vqvae_workdir)
+  from oasis_jax import checkpoints, gan_trainer, images, input_pipeline, metrics, parallel, sampling, tfds_oasis
+  loaded = sampling.load_generator(workdir)
+  stage1_model, stage1_variables, stage1_config, config = (loaded.stage1_model, loaded.stage1_variables,
+                                                           loaded.stage1_config, loaded.config)
   builder = tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir)
-  source = builder.as_data_source(split)
-  real = gan_trainer.load_images(source, stage1_config.image_size)
-  samples, sample_codes = gan_trainer.generate(sample, g_variables, stage1_variables, len(real),
+  source, train_source = builder.as_data_source(split), builder.as_data_source('train')
+  real = input_pipeline.load_images(source, stage1_config.image_size)
+  samples, sample_codes = gan_trainer.generate(loaded.sample, loaded.g_variables, stage1_variables, len(real),
                                                config.latent_dim, seed, batch_size)
   real_codes = gan_trainer.encode_split(stage1_model, stage1_variables, source, stage1_config.image_size)
-  train_codes = gan_trainer.encode_split(stage1_model, stage1_variables, builder.as_data_source('train'),
-                                         stage1_config.image_size)
+  train_codes = gan_trainer.encode_split(stage1_model, stage1_variables, train_source, stage1_config.image_size)
   reconstruct = jax.jit(lambda v, x: jnp.clip(stage1_model.apply(v, x)[0], 0, 1))
   reconstructions = np.concatenate([np.asarray(reconstruct(stage1_variables, real[b:b + batch_size]))
                                     for b in range(0, len(real), batch_size)])
-  train_small = gan_trainer.load_images(builder.as_data_source('train'), stage1_config.image_size,
-                                           shrink_to=min(64, stage1_config.image_size))
+  train_small = input_pipeline.load_images(train_source, min(64, stage1_config.image_size))
   k = stage1_config.num_embeddings
   histogram = lambda codes: jnp.bincount(jnp.asarray(codes).reshape(-1), length=k)
   real_histogram = histogram(real_codes)

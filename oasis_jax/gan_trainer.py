@@ -196,25 +196,6 @@ def encode_split(stage1_model, stage1_variables, source, image_size: int, batch_
   return np.concatenate(maps)
 
 
-def load_images(source, image_size: int, limit: int = -1, shrink_to: int = 0, chunk: int = 256) -> np.ndarray:
-  """Up to `limit` (evenly spaced; -1 = all) slices of a split as [N, S, S, 1] float32 in [0, 1]; block-averaged
-  to shrink_to x shrink_to when given (read in chunks, so a whole OASIS split fits in memory)."""
-  rows = np.arange(len(source))
-  if 0 < limit < len(rows):
-    rows = np.linspace(0, len(source) - 1, limit).astype(int)
-  out = []
-  for begin in range(0, len(rows), chunk):
-    part = rows[begin:begin + chunk]
-    sharding = input_pipeline.Sharding(len(part), image_size=image_size)
-    batch = input_pipeline.to_device_batch(np.stack([r['image'] for r in source.__getitems__(list(part))]),
-                                           sharding)[0]
-    if shrink_to:
-      f = image_size // shrink_to
-      batch = batch.reshape(len(part), shrink_to, f, shrink_to, f, 1).mean(axis=(2, 4))
-    out.append(batch)
-  return np.concatenate(out)
-
-
 def code_batches(code_maps: np.ndarray, sharding: input_pipeline.Sharding, seed: int):
   """Checkpointable iterator of shuffled real code-map batches [local_devices, per_device, s, s]."""
   start, stop = sharding.process_index * sharding.per_process, (sharding.process_index + 1) * sharding.per_process
@@ -274,7 +255,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise UserError(f'config.batch_size={config.batch_size}: larger than the training split ({len(train_source)})')
   print(f'[gan] encoding {len(train_source)} training slices with stage 1 ({config.vqvae_workdir})', flush=True)
   real_maps = encode_split(stage1_model, stage1_variables, train_source, stage1_config.image_size)
-  validation_images = load_images(builder.as_data_source('validate'), stage1_config.image_size, config.eval_images)
+  validation_images = input_pipeline.load_images(builder.as_data_source('validate'), stage1_config.image_size,
+                                                  config.eval_images)
   codebook = jnp.asarray(stage1_variables['vq']['codebook'])
 
   states = create_states(config, stage1_config, jax.random.key(config.seed))

@@ -48,13 +48,32 @@ def current_sharding(global_batch: int, image_size: int = IMAGE_SIZE) -> Shardin
   return Sharding(global_batch, jax.process_count(), jax.process_index(), jax.local_device_count(), image_size)
 
 
+def block_mean(images: np.ndarray, size: int) -> np.ndarray:
+  """[n, H, H(, 1)] -> [n, size, size, 1]: each output pixel the mean of an (H / size)^2 block."""
+  n, factor = images.shape[0], images.shape[1] // size
+  return images.reshape(n, size, factor, size, factor, 1).mean(axis=(2, 4))
+
+
 def to_device_batch(images: np.ndarray, sharding: Sharding) -> np.ndarray:
   """uint8 [n, 256, 256, 1] -> float32 in [0, 1], [local_devices, n // local_devices, S, S, 1]."""
   images = images.astype(np.float32) / np.float32(255)
   if sharding.image_size != images.shape[1]:
-    n, size, factor = images.shape[0], sharding.image_size, images.shape[1] // sharding.image_size
-    images = images.reshape(n, size, factor, size, factor, 1).mean(axis=(2, 4))
+    images = block_mean(images, sharding.image_size)
   return images.reshape((sharding.local_devices, -1) + images.shape[1:])
+
+
+def load_images(source: Sequence, image_size: int, limit: int = -1, chunk: int = 256) -> np.ndarray:
+  """Up to `limit` evenly spaced slices of a split (-1: all, in order) as [N, S, S, 1] float32 in [0, 1], read in
+  chunks so that a whole OASIS split fits in memory at small S."""
+  rows = np.arange(len(source))
+  if 0 < limit < len(rows):
+    rows = np.linspace(0, len(source) - 1, limit).astype(int)
+  out = []
+  for begin in range(0, len(rows), chunk):
+    part = rows[begin:begin + chunk]
+    records = source.__getitems__([int(i) for i in part])
+    out.append(to_device_batch(np.stack([r['image'] for r in records]), Sharding(len(part), image_size=image_size))[0])
+  return np.concatenate(out)
 
 
 class _ReadImages:

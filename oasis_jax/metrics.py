@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oasis_jax.input_pipeline import block_mean
 from oasis_jax.vqvae import perplexity  # noqa: F401  (re-exported: metrics live here for users)
 
 
@@ -93,11 +94,7 @@ def nearest_neighbour_ssim(queries, references, size: int = 64, chunk: int = 256
 
   A memorisation check: samples copied from the training set score near 1. Computed at 64x64 so that the full
   OASIS training split (~10k slices) is searched in seconds."""
-  def shrink(a):
-    a = np.asarray(a, np.float32).reshape(len(a), a.shape[1], a.shape[2])
-    side = min(size, a.shape[1])
-    f = a.shape[1] // side
-    return a.reshape(len(a), side, f, side, f).mean(axis=(2, 4))[..., None]
+  shrink = lambda a: block_mean(np.asarray(a, np.float32), min(size, a.shape[1]))
   queries, references = shrink(queries), shrink(references)
   best = np.full(len(queries), -1.0, np.float32)
   score = jax.jit(jax.vmap(lambda q, refs: ssim(jnp.broadcast_to(q, refs.shape), refs).max(), in_axes=(0, None)))

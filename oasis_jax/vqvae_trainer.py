@@ -1,9 +1,7 @@
 """Stage-1 training: `train_and_evaluate(config, workdir)`, pmapped train/eval steps, resume from checkpoints."""
 import functools
-import os
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -136,10 +134,7 @@ def comparison_grid(originals, reconstructions, count: int = 8):
 
 def data_variance(source, image_size: int, sample: int = 512) -> float:
   """Variance of training pixel values in [0, 1] over up to `sample` evenly spaced slices (the seed's normaliser)."""
-  rows = np.linspace(0, len(source) - 1, min(sample, len(source))).astype(int)
-  sharding = input_pipeline.Sharding(len(rows), image_size=image_size)
-  batch = input_pipeline.to_device_batch(np.stack([r['image'] for r in source.__getitems__(list(rows))]), sharding)
-  return float(np.var(batch))
+  return float(np.var(input_pipeline.load_images(source, image_size, sample)))
 
 
 def num_steps(config, train_size: int) -> int:

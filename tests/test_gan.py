@@ -127,9 +127,9 @@ def test_sample_cli_writes_pngs_deterministically(tiny_chain, tmp_path):
 
 
 def test_samples_are_decoded_by_the_restored_stage1(tiny_chain):
-  sample, g_variables, stage1_variables, config = sampling.load_generator(tiny_chain['gan'])
-  z = jax.random.normal(jax.random.key(0), (2, config.latent_dim))
-  images, codes = sample(g_variables, stage1_variables, z, np.arange(2), jax.random.key(1))
+  loaded = sampling.load_generator(tiny_chain['gan'])
+  z = jax.random.normal(jax.random.key(0), (2, loaded.config.latent_dim))
+  images, codes = loaded.sample(loaded.g_variables, loaded.stage1_variables, z, np.arange(2), jax.random.key(1))
   model, variables, _ = checkpoints.load_stage1(tiny_chain['stage1'])
   best, _ = checkpoints.restore_raw(os.path.join(tiny_chain['stage1'], 'best'), 'stage-1')
   direct = model.apply({'params': best['params'], 'vq': best['vq']}, codes, method=vqvae.VQVAE.decode_codes)
@@ -138,9 +138,11 @@ def test_samples_are_decoded_by_the_restored_stage1(tiny_chain):
 
 
 def test_a_sample_does_not_depend_on_the_batch_it_is_drawn_in(tiny_chain):
-  sample, g_variables, stage1_variables, config = sampling.load_generator(tiny_chain['gan'])
-  small, small_codes = gan_trainer.generate(sample, g_variables, stage1_variables, 5, config.latent_dim, 3, batch=2)
-  large, large_codes = gan_trainer.generate(sample, g_variables, stage1_variables, 5, config.latent_dim, 3, batch=8)
+  loaded = sampling.load_generator(tiny_chain['gan'])
+  draw = functools.partial(gan_trainer.generate, loaded.sample, loaded.g_variables, loaded.stage1_variables, 5,
+                           loaded.config.latent_dim, 3)
+  small, small_codes = draw(batch=2)
+  large, large_codes = draw(batch=8)
   np.testing.assert_array_equal(small_codes, large_codes)
   np.testing.assert_allclose(small, large, atol=1e-6)
   assert len({codes.tobytes() for codes in small_codes}) == 5   # different z and noise: different code maps

@@ -1,10 +1,12 @@
-"""Layer by layer: XLA's convolution vs the same convolution as im2col + one GEMM, forward + backward, jitted.
+"""Layer by layer: XLA's convolution vs the same convolution as im2col + one GEMM and as Winograd F(4x4, 3x3),
+forward + backward, jitted.
 
-    python bench/conv_layers.py [--batch=32] [--rounds=5]
+    python bench/conv_layers.py [--recipe=seed|demo] [--batch=N] [--rounds=5] [--impls=xla,im2col,winograd]
 
-The layers are those of the seed's stage-1 model at 256x256 (batch 32). For each: median seconds of a jitted
-value_and_grad (w.r.t. input and kernel) of sum(conv(x, w)^2), both forms alternating, GFLOP/s of the forward
-FLOPs x3, and the ratio. Prints a table and a final JSON line.
+The layers are those of the seed's stage-1 model at 256x256 (batch 32), or of the demo recipe (batch 8). For each: median seconds of a jitted
+value_and_grad (w.r.t. input and kernel) of sum(conv(x, w)^2), the forms alternating, the direct convolution's
+GFLOP/s (forward FLOPs x3 / time; Winograd does fewer multiplies, so its figure can pass the GEMM peak), the speed-up
+of each form over XLA's, and what `convolution.pick` chooses. Prints a table and a final JSON line.
 """
 import argparse
 import json
@@ -21,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from oasis_jax import convolution  # noqa: E402
 
 # (name, input size, in channels, out channels, kernel, stride)
-LAYERS = [
+SEED_LAYERS = [
     ('enc conv1 4x4/2 1->64', 256, 1, 64, 4, 2),
     ('enc conv2 4x4/2 64->128', 128, 64, 128, 4, 2),
     ('enc conv3 3x3 128->128', 64, 128, 128, 3, 1),
@@ -29,6 +31,17 @@ LAYERS = [
     ('res 1x1 32->128', 64, 32, 128, 1, 1),
     ('dec subpixel 3x3 128->256', 64, 128, 256, 3, 1),
     ('dec subpixel 3x3 64->4', 128, 64, 4, 3, 1),
+]
+DEMO_LAYERS = [   # configs/vqvae.py:demo (64 hidden, 3 downsamples, 32x32 codes), batch 8
+    ('enc conv1 4x4/2 1->32', 256, 1, 32, 4, 2),
+    ('enc conv2 4x4/2 32->32', 128, 32, 32, 4, 2),
+    ('enc conv3 4x4/2 32->64', 64, 32, 64, 4, 2),
+    ('enc conv4 3x3 64->64', 32, 64, 64, 3, 1),
+    ('res 3x3 64->32', 32, 64, 32, 3, 1),
+    ('dec conv 3x3 16->64', 32, 16, 64, 3, 1),
+    ('dec subpixel 3x3 64->128', 32, 64, 128, 3, 1),
+    ('dec subpixel 3x3 32->128', 64, 32, 128, 3, 1),
+    ('dec subpixel 3x3 32->4', 128, 32, 4, 3, 1),
 ]
 
 
@@ -44,12 +57,18 @@ def timed(fn, *args, rounds):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--recipe', default='seed', choices=['seed', 'demo'])
+  parser.add_argument('--batch', type=int, default=0, help='0: the recipe\'s (seed 32, demo 8)')
   parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--impls', default='xla,im2col,winograd')
   args = parser.parse_args()
-  print(f'{"layer":28} {"xla s":>8} {"im2col s":>9} {"xla GF/s":>9} {"im2col GF/s":>11} {"speed-up":>8}')
+  impls = args.impls.split(',')
+  layers = SEED_LAYERS if args.recipe == 'seed' else DEMO_LAYERS
+  args.batch = args.batch or (32 if args.recipe == 'seed' else 8)
+  print(f'{"layer":28} ' + ' '.join(f'{impl + " s":>11}' for impl in impls) + '  direct-conv GFLOP/s; speed-up vs '
+        f'{impls[0]}; auto')
   rows = []
-  for name, size, cin, cout, k, stride in LAYERS:
+  for name, size, cin, cout, k, stride in layers:
     x = jax.random.normal(jax.random.key(0), (args.batch, size, size, cin))
     w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) / (k * k * cin) ** 0.5
     flops = 3 * 2 * args.batch * (size // stride) ** 2 * k * k * cin * cout
@@ -57,15 +76,17 @@ def main():
     def make(impl):
       return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(convolution.conv(x, w, stride, impl) ** 2),
                                         argnums=(0, 1)))
-    xla_fn, im2col_fn = make('xla'), make('im2col')
-    times = {'xla': [], 'im2col': []}
+    fns = {impl: make(impl) for impl in impls}
+    times = {impl: [] for impl in impls}
     for _ in range(args.rounds):
-      times['xla'] += timed(xla_fn, x, w, rounds=1)
-      times['im2col'] += timed(im2col_fn, x, w, rounds=1)
-    a, b = statistics.median(times['xla']), statistics.median(times['im2col'])
-    rows.append({'layer': name, 'xla_s': a, 'im2col_s': b, 'speedup': a / b})
-    print(f'{name:28} {a:8.3f} {b:9.3f} {flops / a / 1e9:9.1f} {flops / b / 1e9:11.1f} {a / b:8.2f}  '
-          f'auto: {convolution.pick(cin, cout)}', flush=True)
+      for impl in impls:
+        times[impl] += timed(fns[impl], x, w, rounds=1)
+    medians = {impl: statistics.median(times[impl]) for impl in impls}
+    auto = convolution.pick(cin, cout, k, stride, (args.batch, size, size, cin))
+    rows.append({'layer': name, 'seconds': medians, 'auto': auto})
+    print(f'{name:28} ' + ' '.join(f'{medians[impl]:11.3f}' for impl in impls) + '  ' +
+          ' '.join(f'{flops / medians[impl] / 1e9:6.1f}' for impl in impls) + '; ' +
+          ' '.join(f'{medians[impls[0]] / medians[impl]:5.2f}' for impl in impls) + f'; {auto}', flush=True)
   print(json.dumps(rows))
 
 

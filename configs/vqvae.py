@@ -23,8 +23,9 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.num_downsamples = 2
   config.upsample = 'subpixel'   # or 'transpose' (the seed's stride-2 transposed convs)
   config.dtype = 'float32'       # or 'bfloat16' compute (params and quantiser stay float32)
-  # How convolutions are computed (same parameters, same results): 'xla' (XLA's convolution op), 'im2col' (one
-  # GEMM per layer) or 'auto' (per layer, the faster on XLA:CPU by bench/conv_layers.py; see README, Performance).
+  # How convolutions are computed (same parameters, same results up to float rounding): 'xla' (XLA's convolution
+  # op), 'im2col' (one GEMM per layer), 'winograd' (F(4x4, 3x3) where it applies) or 'auto' (per layer, the faster
+  # on XLA:CPU by bench/conv_layers.py; see README, Performance). On GPU/TPU 'xla' is the natural choice.
   config.conv_impl = 'auto'
   # Quantiser (Sonnet VectorQuantizerEMA).
   config.commitment_cost = 0.25
@@ -49,7 +50,9 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.best_metric = 'psnr'
 
   if variant == 'demo':          # ~3 steps/s on a 2-core CPU: 32x32 code maps, narrow layers, batch 8
-    config.conv_impl = 'xla'     # its 32/64-wide layers ran faster as XLA convolutions (bench/train_step.py)
+    # XLA's convolutions, as when the README's demo figures and pictures were made (so they reproduce bit for bit);
+    # conv_impl=auto runs this recipe's step 1.27x faster (bench/train_step.py, README Performance).
+    config.conv_impl = 'xla'
     config.num_downsamples = 3
     config.num_hiddens = 64
     config.num_residual_hiddens = 32
@@ -65,6 +68,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 50
   elif variant == 'tiny':
     config.image_size = 64
+    config.conv_impl = 'xla'     # at 64x64 and 8-16 channels compile time dominates; Winograd has its own tests
     config.num_hiddens = 16
     config.num_residual_hiddens = 8
     config.num_residual_layers = 1

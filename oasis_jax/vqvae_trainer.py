@@ -9,7 +9,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from oasis_jax import checkpoints, images, input_pipeline, metrics, parallel, progress, tfds_oasis, vqvae
+from oasis_jax import (checkpoints, convolution, images, input_pipeline, metrics, parallel, progress, tfds_oasis,
+                       vqvae)
 from oasis_jax.errors import UserError
 
 STAGE = 'vqvae'
@@ -41,8 +42,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
   if config.best_metric not in ('ssim', 'psnr'):
     raise UserError(f'config.best_metric={config.best_metric!r}: expected ssim or psnr')
-  if config.conv_impl not in ('xla', 'im2col', 'auto'):
-    raise UserError(f'config.conv_impl={config.conv_impl!r}: expected xla, im2col or auto')
+  if config.conv_impl not in convolution.IMPLS:
+    raise UserError(f'config.conv_impl={config.conv_impl!r}: expected one of {", ".join(convolution.IMPLS)}')
   if config.dtype not in ('float32', 'bfloat16'):
     raise UserError(f'config.dtype={config.dtype!r}: expected float32 or bfloat16')
 

@@ -1,4 +1,5 @@
-"""The im2col + GEMM convolution equals XLA's convolution (values and gradients), and Conv equals flax's Conv."""
+"""The im2col and Winograd convolutions equal XLA's convolution (values and gradients, against a float64 reference
+for Winograd), `auto` picks as documented, and Conv equals flax's Conv."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,9 +22,64 @@ def test_im2col_equals_xla_convolution_and_its_gradients(size, kernel, stride, c
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('impl', ['xla', 'im2col'])
+def direct_convolution_float64(x, w, stride):
+  """SAME convolution by explicit loops over the kernel taps in float64 NumPy: the reference for Winograd."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  n, h, width, _ = x.shape
+  k = w.shape[0]
+  (top, bottom), (left, right) = convolution.same_padding(h, k, stride), convolution.same_padding(width, k, stride)
+  padded = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  out_h, out_w = -(-h // stride), -(-width // stride)
+  out = np.zeros((n, out_h, out_w, w.shape[3]))
+  for i in range(k):
+    for j in range(k):
+      view = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+      out += view @ w[i, j]
+  return out
+
+
+@pytest.mark.parametrize('size, kernel, stride, cin, cout', [
+    (8, 3, 1, 3, 5), (16, 3, 1, 4, 2), (12, 3, 1, 2, 3), (16, 4, 2, 3, 5), (8, 4, 2, 1, 4), (24, 4, 2, 2, 3)])
+def test_winograd_equals_direct_convolution_and_its_gradients(size, kernel, stride, cin, cout):
+  assert convolution.winograd_applies((2, size, size, cin), kernel, stride)
+  x = jax.random.normal(jax.random.key(0), (2, size, size, cin))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin)
+  reference = direct_convolution_float64(x, w, stride)
+  got = convolution.conv(x, w, stride, 'winograd')
+  assert got.shape == reference.shape
+  # F(4x4, 3x3)'s transforms scale by up to 8 and 1/24: fp32 error ~1e-6 of unit-scale outputs (direct: ~1e-7).
+  np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5)
+  # Gradients: of sum(sin(conv)) w.r.t. input and kernel, against XLA's convolution.
+  loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(convolution.conv(x, w, stride, impl)))
+  for a, b in zip(jax.grad(loss('winograd'), (0, 1))(x, w), jax.grad(loss('xla'), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_winograd_falls_back_where_it_does_not_apply_and_auto_picks_per_layer():
+  x = jax.random.normal(jax.random.key(4), (1, 10, 10, 3))       # 10 is not a multiple of 4
+  w = jax.random.normal(jax.random.key(5), (3, 3, 3, 2))
+  assert not convolution.winograd_applies(x.shape, 3, 1)
+  np.testing.assert_allclose(convolution.conv(x, w, 1, 'winograd'), convolution.conv(x, w, 1, 'xla'), rtol=1e-6,
+                             atol=1e-6)
+  assert convolution.pick(128, 128, 3, 1, (32, 64, 64, 128)) == 'winograd'
+  assert convolution.pick(64, 128, 4, 2, (32, 128, 128, 64)) == 'winograd'
+  assert convolution.pick(1, 64, 4, 2, (32, 256, 256, 1)) == 'xla'      # narrow sides: XLA's op
+  assert convolution.pick(64, 4, 3, 1, (32, 128, 128, 64)) == 'xla'
+  assert convolution.pick(128, 128, 3, 1, (32, 66, 66, 128)) == 'im2col'  # wide, but Winograd does not cover it
+
+
+def test_strided_kernel_as_3x3_over_space_to_depth_is_the_strided_convolution():
+  x = jax.random.normal(jax.random.key(6), (2, 8, 8, 3))
+  w = jax.random.normal(jax.random.key(7), (4, 4, 3, 5))
+  via_blocks = jax.lax.conv_general_dilated(convolution.space_to_depth(x), convolution.strided_kernel_as_3x3(w),
+                                            (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                            precision='highest')
+  np.testing.assert_allclose(via_blocks, direct_convolution_float64(x, w, 2), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('impl', ['xla', 'im2col', 'winograd'])
 def test_conv_module_is_a_drop_in_for_flax_conv(impl):
-  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+  x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
   ours = convolution.Conv(6, (4, 4), strides=(2, 2), impl=impl)
   theirs = nn.Conv(6, (4, 4), strides=(2, 2))
   variables = theirs.init(jax.random.key(3), x)

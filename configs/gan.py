@@ -17,6 +17,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.generator_width = 64
   config.discriminator_width = 64
   config.upsample = 'subpixel'   # generator upsampling: 'subpixel' or 'transpose' (the DCGAN paper's)
+  config.conv_impl = 'auto'      # as configs/vqvae.py: 'xla', 'im2col', 'winograd' or 'auto' (per layer)
   # How the generator respects discrete codes (README, "Stage 2 designs"):
   #   'logits': K logits per position, straight-through Gumbel-softmax to one-hot codes (design a);
   #   'latent': a D-dim latent per position, nearest codebook vector, straight-through (design b).
@@ -46,6 +47,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
 
   if variant == 'demo':
     config.vqvae_workdir = 'runs/demo/vqvae'
+    config.conv_impl = 'xla'       # as when the README's demo figures were made (bit-for-bit reproducible)
     config.generator_width = 32
     config.discriminator_width = 32
     config.batch_size = 32
@@ -56,6 +58,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 200
   elif variant == 'tiny':
     config.generator_width = 8
+    config.conv_impl = 'xla'       # tiny layers: compile time dominates
     config.discriminator_width = 8
     config.latent_dim = 16
     config.batch_size = 8

@@ -17,7 +17,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from oasis_jax import checkpoints, dcgan, images, input_pipeline, metrics, parallel, progress, tfds_oasis, vqvae
+from oasis_jax import (checkpoints, convolution, dcgan, images, input_pipeline, metrics, parallel, progress,
+                       tfds_oasis, vqvae)
 from oasis_jax.errors import UserError
 
 STAGE = 'gan'
@@ -61,6 +62,8 @@ def check_config(config, stage1_config) -> None:
   for field in ('latent_dim', 'generator_width', 'discriminator_width', 'num_train_steps', 'batch_size'):
     if config[field] <= 0:
       raise UserError(f'config.{field}={config[field]}: expected a positive number')
+  if config.get('conv_impl', 'xla') not in convolution.IMPLS:
+    raise UserError(f'config.conv_impl={config.conv_impl!r}: expected one of {", ".join(convolution.IMPLS)}')
   if config.head not in ('logits', 'latent'):
     raise UserError(f'config.head={config.head!r}: expected logits (design a) or latent (design b)')
   if config.loss not in ('nonsaturating', 'hinge'):
@@ -80,8 +83,9 @@ def check_config(config, stage1_config) -> None:
 def make_models(config, stage1_config, axis_name=None):
   size = code_size(stage1_config)
   out = stage1_config.num_embeddings if config.head == 'logits' else stage1_config.embedding_dim
-  return (dcgan.Generator(size, out, config.generator_width, config.upsample, axis_name),
-          dcgan.Discriminator(size, config.discriminator_width, config.minibatch_std_group))
+  impl = config.get('conv_impl', 'xla')   # runs saved before the field existed used XLA's convolutions
+  return (dcgan.Generator(size, out, config.generator_width, config.upsample, axis_name, impl),
+          dcgan.Discriminator(size, config.discriminator_width, config.minibatch_std_group, impl))
 
 
 def create_states(config, stage1_config, key):

@@ -55,6 +55,22 @@ def test_winograd_equals_direct_convolution_and_its_gradients(size, kernel, stri
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
+@pytest.mark.parametrize('kernel, stride', [(3, 1), (4, 2)])
+def test_winograd_second_derivatives_match_for_the_r1_penalty(kernel, stride):
+  """Stage 2's R1 penalty differentiates a gradient: through Winograd's custom transpose that must match XLA's."""
+  x = jax.random.normal(jax.random.key(8), (2, 8, 8, 3))
+  w = jax.random.normal(jax.random.key(9), (kernel, kernel, 3, 4)) / np.sqrt(kernel * kernel * 3)
+
+  def r1(impl):
+    def penalty(w):
+      grad_x = jax.grad(lambda x: jnp.sum(jnp.tanh(convolution.conv(x, w, stride, impl))))(x)
+      return jnp.sum(grad_x ** 2)
+    return jax.value_and_grad(penalty)(w)
+  (value, grad), (reference_value, reference_grad) = r1('winograd'), r1('xla')
+  np.testing.assert_allclose(value, reference_value, rtol=1e-5)
+  np.testing.assert_allclose(grad, reference_grad, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(reference_grad))))
+
+
 def test_winograd_falls_back_where_it_does_not_apply_and_auto_picks_per_layer():
   x = jax.random.normal(jax.random.key(4), (1, 10, 10, 3))       # 10 is not a multiple of 4
   w = jax.random.normal(jax.random.key(5), (3, 3, 3, 2))

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from configs import gan as gan_configs  # noqa: E402
 from configs import vqvae as vqvae_configs  # noqa: E402
 from oasis_jax import gan_trainer, parallel  # noqa: E402
-from train_step import alternating_medians, machine_header  # noqa: E402
+from train_step import alternating_medians, machine_header, xla_flops  # noqa: E402
 
 
 def pmapped_step(config, stage1):
@@ -39,9 +39,7 @@ def model_flops(config, stage1, real_codes, codebook) -> float:
   config = config.copy_and_resolve_references()
   config.conv_impl = 'xla'
   states = parallel.replicate(gan_trainer.create_states(config, stage1, jax.random.key(0)))
-  cost = pmapped_step(config, stage1).lower(states, real_codes[None], jax.random.key(1), codebook).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0))
+  return xla_flops(pmapped_step(config, stage1).lower(states, real_codes[None], jax.random.key(1), codebook))
 
 
 def jax_runner(config, stage1, real_codes, codebook):

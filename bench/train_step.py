@@ -8,7 +8,8 @@ recipe) it times oasis_jax's real pmapped train step (1 device, fp32, donated st
 uses), in alternating rounds in one process, and prints the median images/s of each, the ratio JAX / best PyTorch,
 and JAX's useful FLOP/s as a fraction of the median jitted fp32 GEMM FLOP/s. Useful FLOPs are the model's: XLA's
 cost analysis of the step written with direct convolutions (conv_impl=xla); Winograd layers execute fewer (also
-printed), so their useful rate can pass what the GEMM peak would allow for direct convolutions. Needs bench/requirements.txt (torch==2.13.0, the CPU build on these machines).
+printed), so their useful rate can pass what the GEMM peak would allow for direct convolutions. Needs
+bench/requirements.txt (torch==2.13.0, the CPU build on these machines).
 """
 import argparse
 import functools
@@ -70,6 +71,13 @@ def alternating_medians(runners: dict, rounds: int, steps: int) -> dict:
   return {name: statistics.median(values) for name, values in times.items()}
 
 
+def xla_flops(stage) -> float:
+  """FLOPs by XLA's cost analysis of a lowered or compiled pmapped step."""
+  cost = stage.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0))
+
+
 def pmapped_step(config):
   return jax.pmap(functools.partial(vqvae_trainer.train_step, config=config, data_variance=0.08),
                   axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None))
@@ -80,9 +88,7 @@ def model_flops(config, batch) -> float:
   config = config.copy_and_resolve_references()
   config.conv_impl = 'xla'
   state = parallel.replicate(vqvae_trainer.create_state(config, jax.random.key(0)))
-  cost = pmapped_step(config).lower(state, jnp.asarray(batch[None]), jax.random.key(1)).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0))
+  return xla_flops(pmapped_step(config).lower(state, jnp.asarray(batch[None]), jax.random.key(1)))
 
 
 def jax_runner(config, batch):
@@ -92,10 +98,7 @@ def jax_runner(config, batch):
   step = pmapped_step(config)
   images = jnp.asarray(batch[None])
   key = jax.random.key(1)
-  compiled = step.lower(p_state, images, key).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.0))
+  flops = xla_flops(step.lower(p_state, images, key).compile())
   holder = {'state': p_state}
 
   def run(steps):

@@ -23,7 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oasis_jax.errors import UserError
+
 IMPLS = ('xla', 'im2col', 'winograd', 'auto')
+
+
+def check_impl(impl: str) -> None:
+  """One-line error for an unknown config.conv_impl (both stages' configs have the field)."""
+  if impl not in IMPLS:
+    raise UserError(f'config.conv_impl={impl!r}: expected one of {", ".join(IMPLS)}')
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:

@@ -62,8 +62,7 @@ def check_config(config, stage1_config) -> None:
   for field in ('latent_dim', 'generator_width', 'discriminator_width', 'num_train_steps', 'batch_size'):
     if config[field] <= 0:
       raise UserError(f'config.{field}={config[field]}: expected a positive number')
-  if config.get('conv_impl', 'xla') not in convolution.IMPLS:
-    raise UserError(f'config.conv_impl={config.conv_impl!r}: expected one of {", ".join(convolution.IMPLS)}')
+  convolution.check_impl(config.get('conv_impl', 'xla'))
   if config.head not in ('logits', 'latent'):
     raise UserError(f'config.head={config.head!r}: expected logits (design a) or latent (design b)')
   if config.loss not in ('nonsaturating', 'hinge'):

@@ -42,8 +42,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
   if config.best_metric not in ('ssim', 'psnr'):
     raise UserError(f'config.best_metric={config.best_metric!r}: expected ssim or psnr')
-  if config.conv_impl not in convolution.IMPLS:
-    raise UserError(f'config.conv_impl={config.conv_impl!r}: expected one of {", ".join(convolution.IMPLS)}')
+  convolution.check_impl(config.conv_impl)
   if config.dtype not in ('float32', 'bfloat16'):
     raise UserError(f'config.dtype={config.dtype!r}: expected float32 or bfloat16')
 

@@ -105,7 +105,8 @@ def main():
       except Exception as error:
         print(f'  torch {mode}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
     steps = 2 if size == 'seed' else 5
-    medians = alternating_medians(runners, args.rounds, steps)
+    medians = alternating_medians({name: functools.partial(lambda run: run(steps) or steps, run)
+                                   for name, run in runners.items()}, args.rounds)
     print(f'\n{size}: {s}x{s} code maps, K={k}, D={stage1.embedding_dim}, batch {config.batch_size}, widths '
           f'{config.generator_width}; {args.rounds} alternating rounds of {steps} steps')
     rates = {}

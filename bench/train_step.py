@@ -59,14 +59,14 @@ def machine_header() -> float:
   return peak
 
 
-def alternating_medians(runners: dict, rounds: int, steps: int) -> dict:
-  """Median seconds per step of each runner(steps), timed in alternating rounds so that drifts in machine speed
-  hit all alike."""
+def alternating_medians(runners: dict, rounds: int) -> dict:
+  """Median seconds per step of each runner (a callable that runs some steps and returns how many), timed in
+  alternating rounds so that drifts in machine speed hit all alike."""
   times = {name: [] for name in runners}
   for _ in range(rounds):
     for name, run in runners.items():
       start = time.perf_counter()
-      run(steps)
+      steps = run()
       times[name].append((time.perf_counter() - start) / steps)
   return {name: statistics.median(values) for name, values in times.items()}
 
@@ -91,25 +91,29 @@ def model_flops(config, batch) -> float:
   return xla_flops(pmapped_step(config).lower(state, jnp.asarray(batch[None]), jax.random.key(1)))
 
 
-def jax_runner(config, batch):
-  """oasis_jax's pmapped train step on one device, as train_vqvae.py runs it."""
-  state = vqvae_trainer.create_state(config, jax.random.key(0))
-  p_state = parallel.replicate(state)
-  step = pmapped_step(config)
-  images = jnp.asarray(batch[None])
-  key = jax.random.key(1)
-  flops = xla_flops(step.lower(p_state, images, key).compile())
+def jax_runner(config, batch, steps: int):
+  """oasis_jax's pmapped train steps on one device as train_vqvae.py runs them: calls of config.steps_per_call
+  steps (vqvae_trainer.train_steps), at least `steps` steps per run."""
+  per_call = config.steps_per_call
+  p_state = parallel.replicate(vqvae_trainer.create_state(config, jax.random.key(0)))
+  call = jax.pmap(functools.partial(vqvae_trainer.train_steps, config=config, data_variance=0.08),
+                  axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None))
+  images = jnp.asarray(np.broadcast_to(batch, (1, per_call) + batch.shape))
+  keys = jnp.stack([jax.random.key(i) for i in range(per_call)])
+  flops = xla_flops(call.lower(p_state, images, keys).compile()) / per_call
   holder = {'state': p_state}
+  calls = -(-steps // per_call)
 
-  def run(steps):
-    for _ in range(steps):
-      holder['state'], metrics = step(holder['state'], images, key)
+  def run():
+    for _ in range(calls):
+      holder['state'], metrics = call(holder['state'], images, keys)
     jax.block_until_ready(metrics)
-  run(1)
+    return calls * per_call
+  run()
   return run, flops
 
 
-def torch_runner(config, batch, kind, compiled):
+def torch_runner(config, batch, kind, compiled, steps: int):
   import torch
   import torch_vqvae
   torch.manual_seed(0)
@@ -121,10 +125,11 @@ def torch_runner(config, batch, kind, compiled):
     step = torch.compile(step)
   images = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
 
-  def run(steps):
+  def run(steps=steps):
     for _ in range(steps):
       loss = step(images)
     float(loss)
+    return steps
   run(2)   # compile / warm up
   return run
 
@@ -134,7 +139,8 @@ def main():
   parser.add_argument('--sizes', default='seed,demo')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--torch', default='transpose-eager,transpose-compiled,subpixel-eager,subpixel-compiled')
-  parser.add_argument('--conv_impls', default='xla,auto', help='oasis_jax variants (config.conv_impl) to time')
+  parser.add_argument('--conv_impls', default='auto', help='oasis_jax variants (config.conv_impl) to time')
+  parser.add_argument('--steps_per_call', default='1,5', help='oasis_jax variants (config.steps_per_call) to time')
   args = parser.parse_args()
   peak = machine_header()
   summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}
@@ -145,17 +151,19 @@ def main():
     steps = 1 if size == 'seed' else 3
     runners, flops = {}, {}
     for impl in args.conv_impls.split(','):
-      config.conv_impl = impl
-      runners[f'oasis_jax conv {impl}'], flops[f'oasis_jax conv {impl}'] = jax_runner(config, batch)
+      for per_call in args.steps_per_call.split(','):
+        config.conv_impl, config.steps_per_call = impl, int(per_call)
+        name = f'oasis_jax {impl}, {per_call}/call'
+        runners[name], flops[name] = jax_runner(config, batch, steps)
     for name in args.torch.split(','):
       kind, mode = name.split('-')
       try:
-        runners[f'torch {name}'] = torch_runner(config, batch, kind, mode == 'compiled')
+        runners[f'torch {name}'] = torch_runner(config, batch, kind, mode == 'compiled', steps)
       except Exception as error:   # torch.compile needs a working C++ toolchain; report, don't hide
         print(f'  torch {name}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
-    medians = alternating_medians(runners, args.rounds, steps)
+    medians = alternating_medians(runners, args.rounds)
     print(f'\n{size}: {config.image_size}x{config.image_size}, batch {config.batch_size}, hidden '
-          f'{config.num_hiddens}, K={config.num_embeddings}, {args.rounds} alternating rounds of {steps} step(s)')
+          f'{config.num_hiddens}, K={config.num_embeddings}, {args.rounds} alternating rounds of >= {steps} step(s)')
     print(f'  {"implementation":28} {"s/step":>8} {"images/s":>9}')
     rates = {}
     for name, median in medians.items():

@@ -39,6 +39,10 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.lr_schedule = 'constant'  # or 'cosine': warm-up, then decay to 1 % (README, Results)
   config.num_epochs = 4
   config.num_train_steps = -1    # > 0 overrides num_epochs
+  # Train steps per compiled call (unrolled; a call ends early at a step that logs, evaluates or saves): XLA:CPU
+  # page-faults a call's temporary buffers afresh each time, so steps sharing a call run faster (seed recipe on a
+  # 2-core CPU: 5.19 -> 4.23 s/step with 4; README, Performance) at the cost of a longer first compile.
+  config.steps_per_call = 5
   # Bookkeeping.
   config.log_every_steps = 50
   config.eval_every_steps = 500

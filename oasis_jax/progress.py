@@ -78,7 +78,8 @@ class Progress:
 
 
 class History:
-  """Per-step metrics (device arrays, replicated) since the last report; fetched in one go when summarised."""
+  """Per-step metrics (device arrays, replicated; a metric may hold several steps, stacked) since the last report,
+  fetched in one go when summarised."""
 
   def __init__(self):
     self.steps = []
@@ -91,7 +92,7 @@ class History:
     state that produced it can be checkpointed: the last good checkpoint in `store` stays the latest."""
     fetched = jax.device_get(self.steps)
     self.steps = []
-    summary = {key: float(np.mean([m[key][0] for m in fetched])) for key in fetched[0]}
+    summary = {key: float(np.mean(np.concatenate([np.ravel(m[key][0]) for m in fetched]))) for key in fetched[0]}
     bad = [key for key, value in summary.items() if not np.isfinite(value)]
     if bad:
       store.close()

@@ -156,6 +156,44 @@ def test_two_device_step_equals_one_device_step(tiny_batch, conv_impl):
   np.testing.assert_allclose(one_metrics['loss'][0], two_metrics['loss'][0], rtol=1e-5)
 
 
+def test_steps_per_call_equal_single_steps(tiny_batch):
+  """train_steps (several steps unrolled in one call) gives the state and per-step metrics of as many train_step
+  calls, up to float rounding (XLA fuses the unrolled steps differently)."""
+  config = vqvae_configs.get_config('tiny')
+  state = jax.tree.map(lambda x: np.asarray(x)[None], jax.device_get(vqvae_trainer.create_state(config,
+                                                                                               jax.random.key(0))))
+  keys = jnp.stack([jax.random.key(i) for i in range(3)])
+  batches = np.stack([tiny_batch, tiny_batch[::-1], tiny_batch ** 2])
+  one = jax.pmap(functools.partial(vqvae_trainer.train_step, config=config, data_variance=0.08),
+                 axis_name=parallel.AXIS, in_axes=(0, 0, None), devices=jax.local_devices()[:1])
+  many = jax.pmap(functools.partial(vqvae_trainer.train_steps, config=config, data_variance=0.08),
+                  axis_name=parallel.AXIS, in_axes=(0, 0, None), devices=jax.local_devices()[:1])
+  single, losses = state, []
+  for batch, key in zip(batches, keys):
+    single, step_metrics = one(single, batch[None], key)
+    losses.append(float(step_metrics['loss'][0]))
+  unrolled, stacked = many(state, batches[None], keys)
+  assert int(unrolled.step[0]) == 3 and stacked['loss'].shape == (1, 3)
+  np.testing.assert_allclose(stacked['loss'][0], losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((single.params, single.vq, single.opt_state)),
+                  jax.tree.leaves((unrolled.params, unrolled.vq, unrolled.opt_state))):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_steps_in_call_end_at_logs_evaluations_checkpoints_and_the_last_step():
+  config = vqvae_configs.get_config('tiny')
+  config.steps_per_call, config.log_every_steps = 4, 6
+  config.eval_every_steps, config.checkpoint_every_steps = 100, 9
+  calls, step = [], 0
+  while step < 14:
+    count = vqvae_trainer.steps_in_call(step + 1, 14, config)
+    calls.append(count)
+    step += count
+  assert calls == [4, 2, 3, 3, 2]   # steps 1-4, 5-6 (log), 7-9 (save), 10-12 (log), 13-14 (end)
+  config.steps_per_call = 1
+  assert vqvae_trainer.steps_in_call(1, 14, config) == 1
+
+
 def test_bfloat16_compute_keeps_float32_state_and_tracks_the_float32_step(tiny_batch):
   """config.dtype=bfloat16: convolutions run in bf16, parameters/optimiser/codebook stay fp32, and a few steps
   follow the fp32 run closely (same initial state, same batches)."""

@@ -53,6 +53,7 @@ def jax_runner(config, stage1, real_codes, codebook):
     for _ in range(steps):
       holder['states'], metrics = step(holder['states'], codes, key, codebook)
     jax.block_until_ready(metrics)
+    return steps
   run(1)
   return run
 
@@ -75,6 +76,7 @@ def torch_runner(config, stage1, real_codes, codebook, compiled):
     for _ in range(steps):
       loss = step(codes)
     float(loss)
+    return steps
   run(2)
   return run
 
@@ -105,8 +107,8 @@ def main():
       except Exception as error:
         print(f'  torch {mode}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
     steps = 2 if size == 'seed' else 5
-    medians = alternating_medians({name: functools.partial(lambda run: run(steps) or steps, run)
-                                   for name, run in runners.items()}, args.rounds)
+    medians = alternating_medians({name: functools.partial(run, steps) for name, run in runners.items()},
+                                  args.rounds)
     print(f'\n{size}: {s}x{s} code maps, K={k}, D={stage1.embedding_dim}, batch {config.batch_size}, widths '
           f'{config.generator_width}; {args.rounds} alternating rounds of {steps} steps')
     rates = {}

@@ -78,8 +78,9 @@ def xla_flops(stage) -> float:
   return float(cost.get('flops', 0.0))
 
 
-def pmapped_step(config):
-  return jax.pmap(functools.partial(vqvae_trainer.train_step, config=config, data_variance=0.08),
+def pmapped_step(config, step=vqvae_trainer.train_step):
+  """`step` (train_step, or train_steps for several per call) pmapped as train_vqvae.py runs it."""
+  return jax.pmap(functools.partial(step, config=config, data_variance=0.08),
                   axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None))
 
 
@@ -96,8 +97,7 @@ def jax_runner(config, batch, steps: int):
   steps (vqvae_trainer.train_steps), at least `steps` steps per run."""
   per_call = config.steps_per_call
   p_state = parallel.replicate(vqvae_trainer.create_state(config, jax.random.key(0)))
-  call = jax.pmap(functools.partial(vqvae_trainer.train_steps, config=config, data_variance=0.08),
-                  axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None))
+  call = pmapped_step(config, vqvae_trainer.train_steps)
   images = jnp.asarray(np.broadcast_to(batch, (1, per_call) + batch.shape))
   keys = jnp.stack([jax.random.key(i) for i in range(per_call)])
   flops = xla_flops(call.lower(p_state, images, keys).compile()) / per_call

@@ -1,8 +1,8 @@
-"""Layer by layer: XLA's convolution vs the same convolution as im2col + one GEMM and as Winograd F(4x4, 3x3),
-forward + backward, jitted.
+"""Layer by layer: XLA's convolution vs the same convolution as im2col + one GEMM, as Winograd F(4x4, 3x3) and as
+one GEMM to every tap's output + a shift-and-add (taps), forward + backward, jitted.
 
     python bench/conv_layers.py [--recipe=seed|demo] [--batch=N] [--rounds=5]
-                                [--impls=xla,im2col,winograd]
+                                [--impls=xla,im2col,winograd,taps]
 
 The layers are those of the seed's stage-1 model at 256x256 (batch 32), or of the demo recipe (batch 8). For each: median seconds of a jitted
 value_and_grad (w.r.t. input and kernel) of sum(conv(x, w)^2), the forms alternating, the direct convolution's

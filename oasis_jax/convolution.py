@@ -1,5 +1,5 @@
-"""2-D convolution in three forms that compute the same thing: XLA's convolution op, im2col + one GEMM, or
-Winograd's minimal filtering F(4x4, 3x3).
+"""2-D convolution in four forms that compute the same thing: XLA's convolution op, im2col + one GEMM, Winograd's
+minimal filtering F(4x4, 3x3), or one GEMM to every tap's output + a shift-and-add (for few output channels).
 
 On XLA:CPU the convolution op's gradients run far below the machine's GEMM speed, while a matrix multiply runs near
 it (bench/conv_layers.py measures the forms layer by layer).
@@ -12,6 +12,10 @@ it (bench/conv_layers.py measures the forms layer by layer).
   transforms. fp32 results differ from the direct convolution by ~1e-5 relative (tests/test_convolution.py).
   A 4x4 stride-2 convolution is a 3x3 stride-1 convolution of the space-to-depth input (2x2 pixel blocks as 4C
   channels) with the 4x4 kernel spread over a 3x3 grid of blocks, so it takes the same path.
+- taps, for layers with few outputs (the 64->4 sub-pixel layer that ends the decoder): one GEMM [N*H*W, C] x
+  [C, k*k*O] gives every tap's contribution at every pixel, and k*k shifted slices of it are summed; the gradients
+  are two GEMMs and the transposed shifts. XLA's op computed this layer's kernel gradient through a full transposed
+  copy of the input (bench/conv_layers.py: 64->4 at 128x128, batch 32, forward + backward 0.21 -> 0.07 s).
 `Conv` is a drop-in for `flax.linen.Conv` with SAME padding (same parameter names and shapes, so checkpoints do not
 depend on the form).
 """
@@ -25,7 +29,7 @@ import numpy as np
 
 from oasis_jax.errors import UserError
 
-IMPLS = ('xla', 'im2col', 'winograd', 'auto')
+IMPLS = ('xla', 'im2col', 'winograd', 'taps', 'auto')
 
 
 def check_impl(impl: str) -> None:
@@ -45,10 +49,13 @@ def pick(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int 
   """The faster form on XLA:CPU by bench/conv_layers.py (2-core CPU, forward + backward; README, Performance):
   Winograd wins 1.5-4.5x over XLA's op on every layer with both sides >= 16 channels that it covers (seed: 3x3
   128->256 3.69 -> 0.83 s, 128->128 1.79 -> 0.51 s, 4x4/2 64->128 1.88 -> 0.92 s; demo: 1.1-1.8x) and loses where a
-  side is narrow (1->64 4x4/2: 0.23 vs 0.35 s; 64->4: 0.44 vs 0.51 s), where XLA's op is kept. im2col (1.2-1.7x over
+  side is narrow (1->64 4x4/2: 0.23 vs 0.35 s; 64->4: 0.44 vs 0.51 s). A 3x3 layer with <= 8 outputs from >= 16
+  inputs takes the taps form (64->4: 0.21 -> 0.07 s); the 1->64 input layer keeps XLA's op. im2col (1.2-1.7x over
   XLA on wide layers, slower than Winograd) is used for wide layers that Winograd does not cover."""
   if jax.default_backend() != 'cpu':   # GPU / TPU convolution libraries do their own (Winograd, implicit GEMM)
     return 'xla'
+  if kernel_size == 3 and stride == 1 and out_channels <= 8 and in_channels >= 16:
+    return 'taps'
   if shape is not None and winograd_applies(shape, kernel_size, stride) and min(in_channels, out_channels) >= 16:
     return 'winograd'
   return 'im2col' if in_channels >= 64 and out_channels >= 64 else 'xla'
@@ -111,17 +118,17 @@ def _output_transform_impl(m, tiles):
 
 
 def _output_transform_transposed(dy, tiles):
-  """The transpose of _output_transform_impl: A dy A^T of every 4x4 tile of dy -> 36 arrays [N*th*tw, O]. Written
-  out because autodiff's transpose of the forward's stack-and-index pattern ran ~20x slower on XLA:CPU (it made the
-  128->128 layer's forward + backward 2.0 s instead of 0.5 s)."""
+  """The transpose of _output_transform_impl: A dy A^T of every 4x4 tile of dy -> 36 arrays [N*th*tw, O], as one
+  copy of dy into its 16 tile phases [16, N*th*tw*O] and one GEMM by kron(A, A)^T [36, 16]. Written out because
+  autodiff's transpose of the forward's stack-and-index pattern ran ~20x slower on XLA:CPU (it made the 128->128
+  layer's forward + backward 2.0 s instead of 0.5 s); the GEMM rather than 36 sums of phases because XLA fuses dy's
+  producer (a ReLU's gradient mask, a depth-to-space transpose) into each of the 36 sums and recomputes it there
+  (seed decoder's 128->256 layer: 340 -> 190 ms)."""
   n, th, tw = tiles
-  dy = dy.reshape(n, th, TILE, tw, TILE, dy.shape[-1])
-  rows = [dy[:, :, r] for r in range(TILE)]
-  out = []
-  for row in (_combine(rows, WINOGRAD_AT[:, i]) for i in range(POINTS)):
-    columns = [row[:, :, :, s] for s in range(TILE)]
-    out += [_combine(columns, WINOGRAD_AT[:, j]).reshape(n * th * tw, -1) for j in range(POINTS)]
-  return out
+  o = dy.shape[-1]
+  phases = dy.reshape(n, th, TILE, tw, TILE, o).transpose(2, 4, 0, 1, 3, 5).reshape(TILE * TILE, -1)
+  m = jnp.asarray(np.kron(WINOGRAD_AT, WINOGRAD_AT).T, dy.dtype) @ phases
+  return list(m.reshape(POINTS * POINTS, n * th * tw, o))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -141,6 +148,16 @@ def winograd3x3(x, kernel):
   u = u.astype(x.dtype)
   m = [v @ u[f] for f, v in enumerate(_input_transform(x))]
   return _output_transform(m, (n, h // TILE, w // TILE))
+
+
+def taps3x3(x, kernel):
+  """SAME 3x3 stride-1 convolution of x [N, H, W, C] with kernel [3, 3, C, O] as one GEMM to the 9 taps' outputs
+  [N, H, W, 3, 3, O] and a sum of their shifted slices: y[h, w] = sum_ij z[h + i - 1, w + j - 1, i, j]."""
+  n, h, w, c = x.shape
+  o = kernel.shape[-1]
+  z = (x.reshape(-1, c) @ kernel.transpose(2, 0, 1, 3).reshape(c, 9 * o)).reshape(n, h, w, 3, 3, o)
+  z = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+  return sum(z[:, i:i + h, j:j + w, i, j] for i in range(3) for j in range(3))
 
 
 def space_to_depth(x, block: int = 2):
@@ -174,8 +191,8 @@ def winograd_applies(shape, kernel_size: int, stride: int) -> bool:
 
 
 def conv(x, kernel, stride: int = 1, impl: str = 'xla'):
-  """SAME-padded convolution of x [N, H, W, C] with kernel [k, k, C, O] at the given stride; impl is 'xla',
-  'im2col' or 'auto' (per layer, by `pick`)."""
+  """SAME-padded convolution of x [N, H, W, C] with kernel [k, k, C, O] at the given stride; impl is one of IMPLS
+  ('auto': per layer, by `pick`; 'winograd' and 'taps' fall back to XLA's op on layers they do not cover)."""
   k = kernel.shape[0]
   if impl == 'auto':
     impl = pick(kernel.shape[2], kernel.shape[3], k, stride, x.shape)
@@ -185,6 +202,8 @@ def conv(x, kernel, stride: int = 1, impl: str = 'xla'):
     return (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(x.shape[:-1] + kernel.shape[-1:])  # grads are too
   if impl == 'winograd' and not winograd_applies(x.shape, k, stride):
     impl = 'xla'
+  if impl == 'taps':
+    return taps3x3(x, kernel) if k == 3 and stride == 1 else conv(x, kernel, stride, 'xla')
   if impl == 'winograd':
     if stride == 2:
       return winograd3x3(space_to_depth(x), strided_kernel_as_3x3(kernel))

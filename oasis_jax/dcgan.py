@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from oasis_jax import reductions
 from oasis_jax.convolution import Conv
 from oasis_jax.vqvae import Upsample, nearest_codes, straight_through
 
@@ -84,7 +85,7 @@ def gumbel_straight_through(logits, gumbel_noise, temperature: float):
   Returns (one_hot, codes)."""
   noisy = logits + gumbel_noise
   soft = jax.nn.softmax(noisy / temperature, axis=-1)
-  codes = jnp.argmax(noisy, axis=-1)
+  codes = reductions.argmax(noisy)
   hard = jax.nn.one_hot(codes, logits.shape[-1], dtype=logits.dtype)
   return hard + soft - jax.lax.stop_gradient(soft), codes
 
@@ -97,7 +98,7 @@ def embed(one_hot, codebook):
 def quantize_straight_through(latents, codebook):
   """Design (b): latents [N, s, s, D] -> (nearest codebook vectors forward / identity gradient backward, codes)."""
   codes = nearest_codes(latents.reshape(-1, latents.shape[-1]), codebook).reshape(latents.shape[:-1])
-  return straight_through(latents, jnp.take(codebook, codes, axis=0)), codes.astype(jnp.int32)
+  return straight_through(latents, jnp.take(codebook, codes, axis=0)), codes
 
 
 def sample_codes(outputs, codebook, head: str, gumbel_noise=None):
@@ -108,5 +109,5 @@ def sample_codes(outputs, codebook, head: str, gumbel_noise=None):
   nearest codebook vector of each latent."""
   if head == 'logits':
     noisy = outputs if gumbel_noise is None else outputs + gumbel_noise
-    return jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+    return reductions.argmax(noisy)
   return quantize_straight_through(outputs, codebook)[1]

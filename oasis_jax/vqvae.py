@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oasis_jax import reductions
 from oasis_jax.convolution import Conv
 
 VQ = 'vq'  # the variable collection holding the codebook state
@@ -114,10 +115,11 @@ def codebook_init(key, num_embeddings: int, embedding_dim: int):
 
 
 def nearest_codes(vectors, codebook):
-  """Index of the nearest codebook vector (squared L2) for each row of vectors [N, D]; fp32."""
+  """Index (int32) of the nearest codebook vector (squared L2) for each row of vectors [N, D]; fp32; the first
+  among equally near ones."""
   distances = (jnp.sum(vectors ** 2, axis=1, keepdims=True) - 2 * vectors @ codebook.T
                + jnp.sum(codebook ** 2, axis=1)[None, :])
-  return jnp.argmin(distances, axis=1)
+  return reductions.argmin(distances)
 
 
 def straight_through(z, quantized):
@@ -155,7 +157,7 @@ class VQVAE(nn.Module):
   def encode_to_codes(self, images):
     """The code map [N, s, s] int32 of each image."""
     z = self.encode(images)
-    return nearest_codes(z.reshape(-1, z.shape[-1]), self.codebook.value).reshape(z.shape[:-1]).astype(jnp.int32)
+    return nearest_codes(z.reshape(-1, z.shape[-1]), self.codebook.value).reshape(z.shape[:-1])
 
   def lookup(self, codes):
     """Codebook vectors of a code map [N, s, s] -> [N, s, s, D]."""
@@ -172,7 +174,7 @@ class VQVAE(nn.Module):
     z = self.encode(images)
     codes = nearest_codes(z.reshape(-1, z.shape[-1]), self.codebook.value).reshape(z.shape[:-1])
     quantized = self.lookup(codes)
-    return self.decode(straight_through(z, quantized)), z, quantized, codes.astype(jnp.int32)
+    return self.decode(straight_through(z, quantized)), z, quantized, codes
 
 
 def model_from_config(config) -> VQVAE:

@@ -1,5 +1,5 @@
-"""The im2col and Winograd convolutions equal XLA's convolution (values and gradients, against a float64 reference
-for Winograd), `auto` picks as documented, and Conv equals flax's Conv."""
+"""The im2col, Winograd and taps convolutions equal XLA's convolution (values and gradients, against a float64
+reference for Winograd and taps), `auto` picks as documented, and Conv equals flax's Conv."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,18 @@ def test_winograd_equals_direct_convolution_and_its_gradients(size, kernel, stri
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
+@pytest.mark.parametrize('size, cin, cout', [(8, 16, 4), (6, 5, 1), (7, 3, 8)])
+def test_taps_equals_direct_convolution_and_its_gradients(size, cin, cout):
+  x = jax.random.normal(jax.random.key(10), (2, size, size, cin))
+  w = jax.random.normal(jax.random.key(11), (3, 3, cin, cout)) / np.sqrt(9 * cin)
+  np.testing.assert_allclose(convolution.conv(x, w, 1, 'taps'), direct_convolution_float64(x, w, 1), rtol=0, atol=1e-5)
+  loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(convolution.conv(x, w, 1, impl)))
+  for a, b in zip(jax.grad(loss('taps'), (0, 1))(x, w), jax.grad(loss('xla'), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  w4 = jax.random.normal(jax.random.key(12), (4, 4, cin, cout))    # not 3x3/1: XLA's op
+  np.testing.assert_array_equal(convolution.conv(x, w4, 2, 'taps'), convolution.conv(x, w4, 2, 'xla'))
+
+
 @pytest.mark.parametrize('kernel, stride', [(3, 1), (4, 2)])
 def test_winograd_second_derivatives_match_for_the_r1_penalty(kernel, stride):
   """Stage 2's R1 penalty differentiates a gradient: through Winograd's custom transpose that must match XLA's."""
@@ -80,7 +92,8 @@ def test_winograd_falls_back_where_it_does_not_apply_and_auto_picks_per_layer():
   assert convolution.pick(128, 128, 3, 1, (32, 64, 64, 128)) == 'winograd'
   assert convolution.pick(64, 128, 4, 2, (32, 128, 128, 64)) == 'winograd'
   assert convolution.pick(1, 64, 4, 2, (32, 256, 256, 1)) == 'xla'      # narrow sides: XLA's op
-  assert convolution.pick(64, 4, 3, 1, (32, 128, 128, 64)) == 'xla'
+  assert convolution.pick(64, 4, 3, 1, (32, 128, 128, 64)) == 'taps'     # few outputs: one GEMM to all taps
+  assert convolution.pick(4, 4, 3, 1, (32, 128, 128, 4)) == 'xla'
   assert convolution.pick(128, 128, 3, 1, (32, 66, 66, 128)) == 'im2col'  # wide, but Winograd does not cover it
 
 

@@ -38,6 +38,7 @@ bench: venv
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/train_step.py
 	$(PY) bench/train_gan_step.py
+	$(PY) bench/argmin.py
 	$(PY) bench/sample.py
 
 soak: venv

@@ -17,7 +17,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.generator_width = 64
   config.discriminator_width = 64
   config.upsample = 'subpixel'   # generator upsampling: 'subpixel' or 'transpose' (the DCGAN paper's)
-  config.conv_impl = 'auto'      # as configs/vqvae.py: 'xla', 'im2col', 'winograd' or 'auto' (per layer)
+  config.conv_impl = 'auto'      # as configs/vqvae.py: 'xla', 'im2col', 'winograd', 'taps' or 'auto'
   # How the generator respects discrete codes (README, "Stage 2 designs"):
   #   'logits': K logits per position, straight-through Gumbel-softmax to one-hot codes (design a);
   #   'latent': a D-dim latent per position, nearest codebook vector, straight-through (design b).

@@ -24,8 +24,9 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.upsample = 'subpixel'   # or 'transpose' (the seed's stride-2 transposed convs)
   config.dtype = 'float32'       # or 'bfloat16' compute (params and quantiser stay float32)
   # How convolutions are computed (same parameters, same results up to float rounding): 'xla' (XLA's convolution
-  # op), 'im2col' (one GEMM per layer), 'winograd' (F(4x4, 3x3) where it applies) or 'auto' (per layer, the faster
-  # on XLA:CPU by bench/conv_layers.py; see README, Performance). On GPU/TPU 'xla' is the natural choice.
+  # op), 'im2col' (one GEMM per layer), 'winograd' (F(4x4, 3x3) where it applies), 'taps' (3x3 layers as one GEMM
+  # to every tap + a shift-and-add) or 'auto' (per layer, the faster on XLA:CPU by bench/conv_layers.py; see README,
+  # Performance). On GPU/TPU 'xla' is the natural choice.
   config.conv_impl = 'auto'
   # Quantiser (Sonnet VectorQuantizerEMA).
   config.commitment_cost = 0.25

@@ -137,7 +137,7 @@ class VQVAE(nn.Module):
   num_downsamples: int = 2
   upsample: str = 'subpixel'
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'    # or 'im2col' / 'winograd' / 'auto' (oasis_jax/convolution.py); same parameters
+  conv_impl: str = 'xla'    # or 'im2col' / 'winograd' / 'taps' / 'auto' (oasis_jax/convolution.py); same parameters
 
   def setup(self):
     self.encoder = Encoder(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens,

@@ -1,0 +1,64 @@
+"""jnp.argmin / argmax against oasis_jax.reductions' exact two-reduction form, at the sizes the models use.
+
+    python bench/argmin.py [--rounds=7]
+
+Rows: the seed VQ-VAE's codebook distances (batch 32 x 64x64 codes, K=512), alone and with the distance GEMM in
+the same jitted function (as nearest_codes runs), and the seed GAN's logits (batch 64 x 64x64 codes, K=512). Prints
+median milliseconds of each form, alternating, the speed-up, and a final JSON line.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from oasis_jax import reductions  # noqa: E402
+
+
+def distances(vectors, codebook):
+  return (jnp.sum(vectors ** 2, axis=1, keepdims=True) - 2 * vectors @ codebook.T
+          + jnp.sum(codebook ** 2, axis=1)[None, :])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--rounds', type=int, default=7)
+  args = parser.parse_args()
+  rng = np.random.default_rng(0)
+  vectors = jnp.asarray(rng.normal(size=(32 * 64 * 64, 64)), jnp.float32)
+  codebook = jnp.asarray(rng.normal(size=(512, 64)), jnp.float32)
+  logits = jnp.asarray(rng.normal(size=(64 * 64 * 64, 512)), jnp.float32)
+  cases = {
+      'VQ distances [131072, 512], argmin': ((distances(vectors, codebook),), lambda d: jnp.argmin(d, axis=-1),
+                                             reductions.argmin),
+      'the same with the distance GEMM': ((vectors, codebook), lambda v, c: jnp.argmin(distances(v, c), axis=-1),
+                                          lambda v, c: reductions.argmin(distances(v, c))),
+      'GAN logits [262144, 512], argmax': ((logits,), lambda x: jnp.argmax(x, axis=-1), reductions.argmax),
+  }
+  print(f'{"case":36} {"jnp ms":>8} {"ours ms":>8} {"speed-up":>8}')
+  rows = {}
+  for name, (inputs, theirs, ours) in cases.items():
+    fns = {'jnp': jax.jit(theirs), 'ours': jax.jit(ours)}
+    assert np.array_equal(fns['jnp'](*inputs), fns['ours'](*inputs)), name
+    times = {k: [] for k in fns}
+    for _ in range(args.rounds):
+      for k, fn in fns.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*inputs))
+        times[k].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rows[name] = medians
+    speed_up = medians['jnp'] / medians['ours']
+    print(f'{name:36} {medians["jnp"]:8.1f} {medians["ours"]:8.1f} {speed_up:7.1f}x', flush=True)
+  print(json.dumps(rows))
+
+
+if __name__ == '__main__':
+  main()

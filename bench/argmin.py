@@ -1,10 +1,10 @@
-"""jnp.argmin / argmax against oasis_jax.reductions' exact two-reduction form, at the sizes the models use.
+"""jnp.argmin against oasis_jax.reductions' exact two-reduction form, at the seed VQ-VAE's sizes.
 
     python bench/argmin.py [--rounds=7]
 
 Rows: the seed VQ-VAE's codebook distances (batch 32 x 64x64 codes, K=512), alone and with the distance GEMM in
-the same jitted function (as nearest_codes runs), and the seed GAN's logits (batch 64 x 64x64 codes, K=512). Prints
-median milliseconds of each form, alternating, the speed-up, and a final JSON line.
+the same jitted function (as nearest_codes runs). Prints median milliseconds of each form, alternating, the
+speed-up, and a final JSON line.
 """
 import argparse
 import json
@@ -34,13 +34,11 @@ def main():
   rng = np.random.default_rng(0)
   vectors = jnp.asarray(rng.normal(size=(32 * 64 * 64, 64)), jnp.float32)
   codebook = jnp.asarray(rng.normal(size=(512, 64)), jnp.float32)
-  logits = jnp.asarray(rng.normal(size=(64 * 64 * 64, 512)), jnp.float32)
   cases = {
       'VQ distances [131072, 512], argmin': ((distances(vectors, codebook),), lambda d: jnp.argmin(d, axis=-1),
                                              reductions.argmin),
       'the same with the distance GEMM': ((vectors, codebook), lambda v, c: jnp.argmin(distances(v, c), axis=-1),
                                           lambda v, c: reductions.argmin(distances(v, c))),
-      'GAN logits [262144, 512], argmax': ((logits,), lambda x: jnp.argmax(x, axis=-1), reductions.argmax),
   }
   print(f'{"case":36} {"jnp ms":>8} {"ours ms":>8} {"speed-up":>8}')
   rows = {}

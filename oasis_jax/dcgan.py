@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from oasis_jax import reductions
 from oasis_jax.convolution import Conv
 from oasis_jax.vqvae import Upsample, nearest_codes, straight_through
 
@@ -85,7 +84,7 @@ def gumbel_straight_through(logits, gumbel_noise, temperature: float):
   Returns (one_hot, codes)."""
   noisy = logits + gumbel_noise
   soft = jax.nn.softmax(noisy / temperature, axis=-1)
-  codes = reductions.argmax(noisy)
+  codes = jnp.argmax(noisy, axis=-1)
   hard = jax.nn.one_hot(codes, logits.shape[-1], dtype=logits.dtype)
   return hard + soft - jax.lax.stop_gradient(soft), codes
 
@@ -109,5 +108,5 @@ def sample_codes(outputs, codebook, head: str, gumbel_noise=None):
   nearest codebook vector of each latent."""
   if head == 'logits':
     noisy = outputs if gumbel_noise is None else outputs + gumbel_noise
-    return reductions.argmax(noisy)
+    return jnp.argmax(noisy, axis=-1).astype(jnp.int32)
   return quantize_straight_through(outputs, codebook)[1]

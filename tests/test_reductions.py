@@ -1,4 +1,4 @@
-"""reductions.argmin / argmax equal NumPy's (the first index among ties) on random, tied, tiny, huge and infinite rows."""
+"""reductions.argmin equals NumPy's (the first index among ties) on random, tied, tiny, huge and infinite rows."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,16 +17,15 @@ def rows():
   near[np.arange(4), [3, 0, 15, 8]] = np.nextafter(np.float32(1e4), np.float32(0))   # one ulp apart
   yield near
   big = rng.normal(size=(50, 16)).astype(np.float32) * 1e30
-  big[::3, 5] = np.inf                                                        # argmax: -inf entries
+  big[::3, 5] = np.inf
   yield big
 
 
 @pytest.mark.parametrize('x', list(rows()))
-def test_argmin_and_argmax_are_numpys_first_index(x):
-  got_min, got_max = jax.jit(reductions.argmin)(x), jax.jit(reductions.argmax)(-x)
-  assert got_min.dtype == jnp.int32 and got_max.dtype == jnp.int32
-  np.testing.assert_array_equal(got_min, np.argmin(x, axis=-1))
-  np.testing.assert_array_equal(got_max, np.argmax(-x, axis=-1))
+def test_argmin_is_numpys_first_index(x):
+  got = jax.jit(reductions.argmin)(x)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.argmin(x, axis=-1))
   np.testing.assert_array_equal(reductions.argmin(x.reshape(-1, 1, x.shape[-1]))[:, 0], np.argmin(x, axis=-1))
 
 

@@ -54,7 +54,7 @@ def pick(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int 
   XLA on wide layers, slower than Winograd) is used for wide layers that Winograd does not cover."""
   if jax.default_backend() != 'cpu':   # GPU / TPU convolution libraries do their own (Winograd, implicit GEMM)
     return 'xla'
-  if kernel_size == 3 and stride == 1 and out_channels <= 8 and in_channels >= 16:
+  if taps_applies(kernel_size, stride) and out_channels <= 8 and in_channels >= 16:
     return 'taps'
   if shape is not None and winograd_applies(shape, kernel_size, stride) and min(in_channels, out_channels) >= 16:
     return 'winograd'
@@ -190,6 +190,11 @@ def winograd_applies(shape, kernel_size: int, stride: int) -> bool:
   return False
 
 
+def taps_applies(kernel_size: int, stride: int) -> bool:
+  """Whether the taps form covers this layer (3x3 stride 1)."""
+  return kernel_size == 3 and stride == 1
+
+
 def conv(x, kernel, stride: int = 1, impl: str = 'xla'):
   """SAME-padded convolution of x [N, H, W, C] with kernel [k, k, C, O] at the given stride; impl is one of IMPLS
   ('auto': per layer, by `pick`; 'winograd' and 'taps' fall back to XLA's op on layers they do not cover)."""
@@ -202,8 +207,10 @@ def conv(x, kernel, stride: int = 1, impl: str = 'xla'):
     return (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(x.shape[:-1] + kernel.shape[-1:])  # grads are too
   if impl == 'winograd' and not winograd_applies(x.shape, k, stride):
     impl = 'xla'
+  if impl == 'taps' and not taps_applies(k, stride):
+    impl = 'xla'
   if impl == 'taps':
-    return taps3x3(x, kernel) if k == 3 and stride == 1 else conv(x, kernel, stride, 'xla')
+    return taps3x3(x, kernel)
   if impl == 'winograd':
     if stride == 2:
       return winograd3x3(space_to_depth(x), strided_kernel_as_3x3(kernel))

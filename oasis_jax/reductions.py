@@ -18,4 +18,3 @@ def argmin(x):
   gap = jnp.ceil(jnp.minimum(x - jnp.min(x, axis=-1, keepdims=True), 1.0))     # 0 at the minimum, else 1
   index = jnp.min(jnp.arange(n, dtype=x.dtype) + n * gap, axis=-1).astype(jnp.int32)
   return index % n                             # in [0, n) even for the rows the module docstring excepts
-

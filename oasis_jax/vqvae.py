@@ -114,12 +114,16 @@ def codebook_init(key, num_embeddings: int, embedding_dim: int):
   return jax.random.uniform(key, (num_embeddings, embedding_dim), jnp.float32, -limit, limit)
 
 
+def squared_distances(vectors, codebook):
+  """||v - e_k||^2 [N, K] of every row of vectors [N, D] to every codebook vector [K, D], as one GEMM."""
+  return (jnp.sum(vectors ** 2, axis=1, keepdims=True) - 2 * vectors @ codebook.T
+          + jnp.sum(codebook ** 2, axis=1)[None, :])
+
+
 def nearest_codes(vectors, codebook):
   """Index (int32) of the nearest codebook vector (squared L2) for each row of vectors [N, D]; fp32; the first
   among equally near ones."""
-  distances = (jnp.sum(vectors ** 2, axis=1, keepdims=True) - 2 * vectors @ codebook.T
-               + jnp.sum(codebook ** 2, axis=1)[None, :])
-  return reductions.argmin(distances)
+  return reductions.argmin(squared_distances(vectors, codebook))
 
 
 def straight_through(z, quantized):

@@ -37,6 +37,7 @@ bench: venv
 	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/train_step.py
+	$(PY) bench/first_calls.py
 	$(PY) bench/train_gan_step.py
 	$(PY) bench/argmin.py
 	$(PY) bench/sample.py

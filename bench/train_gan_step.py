@@ -47,7 +47,6 @@ def jax_runner(config, stage1, real_codes, codebook):
   step = pmapped_step(config, stage1)
   holder = {'states': parallel.replicate(states)}
   codes, key = real_codes[None], jax.random.key(1)
-  step.lower(holder['states'], codes, key, codebook).compile()
 
   def run(steps):
     for _ in range(steps):

@@ -1,8 +1,9 @@
 """Layer by layer: XLA's convolution vs the same convolution as im2col + one GEMM, as Winograd F(4x4, 3x3) and as
-one GEMM to every tap's output + a shift-and-add (taps), forward + backward, jitted.
+one GEMM to every tap's output + a shift-and-add (taps), forward + backward, jitted. `winograd` uses the native
+tile-transform kernels (oasis_jax/winograd_cpu.py) where they apply; `winograd+xla_transforms` is the same without.
 
     python bench/conv_layers.py [--recipe=seed|demo] [--batch=N] [--rounds=5]
-                                [--impls=xla,im2col,winograd,taps]
+                                [--impls=xla,im2col,winograd,winograd+xla_transforms,taps]
 
 The layers are those of the seed's stage-1 model at 256x256 (batch 32), or of the demo recipe (batch 8). For each: median seconds of a jitted
 value_and_grad (w.r.t. input and kernel) of sum(conv(x, w)^2), the forms alternating, the direct convolution's
@@ -10,6 +11,7 @@ GFLOP/s (forward FLOPs x3 / time; Winograd does fewer multiplies, so its figure 
 of each form over XLA's, and what `convolution.pick` chooses. Prints a table and a final JSON line.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -21,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from oasis_jax import convolution  # noqa: E402
+from oasis_jax import convolution, winograd_cpu  # noqa: E402
 
 # (name, input size, in channels, out channels, kernel, stride)
 SEED_LAYERS = [
@@ -61,7 +63,7 @@ def main():
   parser.add_argument('--recipe', default='seed', choices=['seed', 'demo'])
   parser.add_argument('--batch', type=int, default=0, help='0: the recipe\'s (seed 32, demo 8)')
   parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument('--impls', default='xla,im2col,winograd')
+  parser.add_argument('--impls', default='xla,im2col,winograd,winograd+xla_transforms')
   args = parser.parse_args()
   impls = args.impls.split(',')
   layers = SEED_LAYERS if args.recipe == 'seed' else DEMO_LAYERS
@@ -74,9 +76,12 @@ def main():
     w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) / (k * k * cin) ** 0.5
     flops = 3 * 2 * args.batch * (size // stride) ** 2 * k * k * cin * cout
 
-    def make(impl):
-      return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(convolution.conv(x, w, stride, impl) ** 2),
-                                        argnums=(0, 1)))
+    def make(spec):   # 'winograd+xla_transforms': Winograd without the native transform kernels
+      impl, _, variant = spec.partition('+')
+      fn = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(convolution.conv(x, w, stride, impl) ** 2),
+                                      argnums=(0, 1)))
+      with winograd_cpu.turned_off() if variant == 'xla_transforms' else contextlib.nullcontext():
+        return fn.lower(x, w).compile()
     fns = {impl: make(impl) for impl in impls}
     times = {impl: [] for impl in impls}
     for _ in range(args.rounds):

@@ -12,6 +12,7 @@ printed), so their useful rate can pass what the GEMM peak would allow for direc
 bench/requirements.txt (torch==2.13.0, the CPU build on these machines).
 """
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -28,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import vqvae as vqvae_configs  # noqa: E402
-from oasis_jax import parallel, vqvae_trainer  # noqa: E402
+from oasis_jax import parallel, vqvae_trainer, winograd_cpu  # noqa: E402
 
 
 def gemm_peak(n=2048, repeats=5):
@@ -139,7 +140,8 @@ def main():
   parser.add_argument('--sizes', default='seed,demo')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--torch', default='transpose-eager,transpose-compiled,subpixel-eager,subpixel-compiled')
-  parser.add_argument('--conv_impls', default='auto', help='oasis_jax variants (config.conv_impl) to time')
+  parser.add_argument('--conv_impls', default='auto,auto+xla_transforms',
+                      help='oasis_jax variants (config.conv_impl[+xla_transforms: Winograd without the native kernels])')
   parser.add_argument('--steps_per_call', default='1,5', help='oasis_jax variants (config.steps_per_call) to time')
   args = parser.parse_args()
   peak = machine_header()
@@ -150,11 +152,13 @@ def main():
                                             np.float32)
     steps = 1 if size == 'seed' else 3
     runners, flops = {}, {}
-    for impl in args.conv_impls.split(','):
+    for spec in args.conv_impls.split(','):
+      impl, _, variant = spec.partition('+')
       for per_call in args.steps_per_call.split(','):
         config.conv_impl, config.steps_per_call = impl, int(per_call)
-        name = f'oasis_jax {impl}, {per_call}/call'
-        runners[name], flops[name] = jax_runner(config, batch, steps)
+        name = f'oasis_jax {spec}, {per_call}/call'
+        with winograd_cpu.turned_off() if variant == 'xla_transforms' else contextlib.nullcontext():
+          runners[name], flops[name] = jax_runner(config, batch, steps)
     for name in args.torch.split(','):
       kind, mode = name.split('-')
       try:

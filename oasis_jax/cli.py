@@ -61,7 +61,7 @@ def parse_flags(argv):
 def enable_compilation_cache() -> None:
   """JAX's persistent compilation cache under the oasis_jax cache dir: later runs skip most XLA compiles."""
   import jax
-  from oasis_jax.tfds_oasis import default_cache_dir
+  from oasis_jax.paths import default_cache_dir
   jax.config.update('jax_compilation_cache_dir', os.path.join(default_cache_dir(), 'jax_compilation_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oasis_jax import winograd_cpu
 from oasis_jax.errors import UserError
 
 IMPLS = ('xla', 'im2col', 'winograd', 'taps', 'auto')
@@ -140,12 +141,20 @@ _output_transform.defvjp(lambda m, tiles: (_output_transform_impl(m, tiles), Non
                          lambda tiles, _, dy: (_output_transform_transposed(dy, tiles),))
 
 
-def winograd3x3(x, kernel):
-  """SAME 3x3 stride-1 convolution of x [N, H, W, C] (H, W multiples of 4) with kernel [3, 3, C, O], as F(4x4, 3x3)."""
+def winograd3x3(x, kernel, native: bool | None = None):
+  """SAME 3x3 stride-1 convolution of x [N, H, W, C] (H, W multiples of 4) with kernel [3, 3, C, O], as F(4x4, 3x3).
+
+  The tile transforms run as native XLA:CPU kernels where winograd_cpu covers the layer (native=None: where
+  `winograd_cpu.usable`; False: never), else as the XLA ops above; the 36 GEMMs are XLA's either way."""
   n, h, w, c = x.shape
+  o = kernel.shape[-1]
   g = WINOGRAD_G.astype(np.float32)
-  u = jnp.einsum('ai,ijco,bj->abco', g, kernel, g).reshape(POINTS * POINTS, c, kernel.shape[-1])
-  u = u.astype(x.dtype)
+  u = jnp.einsum('ai,ijco,bj->abco', g, kernel, g).reshape(POINTS * POINTS, c, o).astype(x.dtype)
+  if native is None:
+    native = winograd_cpu.usable(x.shape, o, x.dtype)
+  if native:
+    m = jnp.einsum('ptc,pco->pto', winograd_cpu.input_transform(x), u)   # one batched GEMM over the 36 points
+    return winograd_cpu.output_transform(m, (n, h, w, o))
   m = [v @ u[f] for f, v in enumerate(_input_transform(x))]
   return _output_transform(m, (n, h // TILE, w // TILE))
 

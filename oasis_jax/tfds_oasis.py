@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 from oasis_jax import demo_data, oasis_files
 from oasis_jax.demo_data import IMAGE_SIZE, SPLITS
 from oasis_jax.errors import UserError
+from oasis_jax.paths import default_cache_dir
 
 DATASETS = ('demo', 'oasis_png', 'oasis_volumes')
 
@@ -62,10 +63,6 @@ class OasisSlices(tfds.core.GeneratorBasedBuilder):
       yield from oasis_files.png_examples(root, split)
     else:
       yield from oasis_files.volume_examples(root, split)
-
-
-def default_cache_dir() -> str:
-  return os.environ.get('OASIS_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'oasis_jax')
 
 
 def _fingerprint(root: str, folders_only: tuple[str, ...] | None = None) -> str:

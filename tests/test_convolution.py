@@ -1,12 +1,17 @@
 """The im2col, Winograd and taps convolutions equal XLA's convolution (values and gradients, against a float64
-reference for Winograd and taps), `auto` picks as documented, and Conv equals flax's Conv."""
+reference for Winograd and taps), with and without the native Winograd kernels, `auto` picks as documented, and Conv
+equals flax's Conv."""
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oasis_jax import convolution
+from oasis_jax import convolution, winograd_cpu
 
 
 @pytest.mark.parametrize('size, kernel, stride, cin, cout', [
@@ -81,6 +86,72 @@ def test_winograd_second_derivatives_match_for_the_r1_penalty(kernel, stride):
   (value, grad), (reference_value, reference_grad) = r1('winograd'), r1('xla')
   np.testing.assert_allclose(value, reference_value, rtol=1e-5)
   np.testing.assert_allclose(grad, reference_grad, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(reference_grad))))
+
+
+def test_native_transforms_equal_the_xla_transforms_and_their_transposes():
+  """winograd_cpu's kernels against convolution.py's XLA transforms (and the autodiff transposes of those), on a
+  non-square image with two channel blocks, including the SAME padding at every border."""
+  assert winograd_cpu.usable((2, 8, 12, 32), 16, jnp.float32)   # the library builds here: the native path is real
+  shape, tiles = (2, 8, 12, 32), (2, 2, 3)
+  x = jax.random.normal(jax.random.key(20), shape)
+  v = jax.random.normal(jax.random.key(21), (36, 12, 32))
+  xla_input = lambda x: jnp.stack(convolution._input_transform(x))
+  xla_output = lambda m: convolution._output_transform_impl(list(m), tiles)
+  np.testing.assert_allclose(winograd_cpu.input_transform(x), xla_input(x), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(winograd_cpu.output_transform(v, shape), xla_output(v), rtol=0, atol=1e-4)
+  np.testing.assert_allclose(winograd_cpu.input_transform_transposed(v, shape), jax.vjp(xla_input, x)[1](v)[0],
+                             rtol=0, atol=1e-4)
+  np.testing.assert_allclose(winograd_cpu.output_transform_transposed(x), jax.vjp(xla_output, v)[1](x)[0],
+                             rtol=0, atol=1e-4)
+  # Their own VJPs are the transposes: <T x, v> = <x, T^T v> through jax.vjp.
+  _, vjp = jax.vjp(winograd_cpu.input_transform, x)
+  np.testing.assert_allclose(jnp.vdot(winograd_cpu.input_transform(x), v), jnp.vdot(x, vjp(v)[0]), rtol=1e-5)
+
+
+@pytest.mark.parametrize('shape, cout', [((2, 8, 8, 16), 32), ((1, 12, 4, 32), 16), ((2, 4, 8, 48), 16)])
+def test_native_winograd_equals_direct_convolution_and_its_gradients(shape, cout):
+  assert winograd_cpu.usable(shape, cout, jnp.float32)
+  x = jax.random.normal(jax.random.key(22), shape)
+  w = jax.random.normal(jax.random.key(23), (3, 3, shape[-1], cout)) / np.sqrt(9 * shape[-1])
+  np.testing.assert_allclose(convolution.winograd3x3(x, w), direct_convolution_float64(x, w, 1), rtol=0, atol=2e-5)
+  loss = lambda native: lambda x, w: jnp.sum(jnp.sin(convolution.winograd3x3(x, w, native)))
+  reference = jax.grad(lambda x, w: jnp.sum(jnp.sin(convolution.conv(x, w, 1, 'xla'))), (0, 1))(x, w)
+  for native in (None, False):
+    for a, b in zip(jax.grad(loss(native), (0, 1))(x, w), reference):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_native_winograd_second_derivatives_for_the_r1_penalty():
+  x = jax.random.normal(jax.random.key(24), (2, 8, 8, 16))
+  w = jax.random.normal(jax.random.key(25), (3, 3, 16, 16)) / 12
+
+  def r1(convolve):
+    def penalty(w):
+      return jnp.sum(jax.grad(lambda x: jnp.sum(jnp.tanh(convolve(x, w))))(x) ** 2)
+    return jax.value_and_grad(penalty)(w)
+  (value, grad) = r1(convolution.winograd3x3)
+  (reference_value, reference_grad) = r1(lambda x, w: convolution.conv(x, w, 1, 'xla'))
+  np.testing.assert_allclose(value, reference_value, rtol=1e-5)
+  np.testing.assert_allclose(grad, reference_grad, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(reference_grad))))
+
+
+def test_native_kernels_not_used_where_they_do_not_apply_or_cannot_be_built(tmp_path):
+  assert not winograd_cpu.usable((2, 8, 8, 8), 16, jnp.float32)      # 8 channels: not a multiple of 16
+  assert not winograd_cpu.usable((2, 8, 8, 16), 16, jnp.bfloat16)
+  with winograd_cpu.turned_off():
+    assert not winograd_cpu.usable((2, 8, 8, 16), 16, jnp.float32)
+  # No compiler: one warning, the XLA transforms, the same convolution (a fresh process, a fresh cache).
+  code = ('import jax, numpy as np; from oasis_jax import convolution, winograd_cpu; '
+          'x = np.ones((1, 8, 8, 16), np.float32); w = np.ones((3, 3, 16, 16), np.float32) / 100; '
+          'print(winograd_cpu.usable(x.shape, 16, np.float32), float(convolution.conv(x, w, 1, "winograd").sum()))')
+  environment = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), OASIS_JAX_CACHE=str(tmp_path))
+  result = subprocess.run([sys.executable, '-c', code], env=environment, capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stderr
+  usable, total = result.stdout.split()
+  expected = float(jnp.sum(convolution.conv(jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 16)) / 100, 1, 'xla')))
+  assert usable == 'False' and abs(float(total) - expected) < 1e-3 * expected
+  assert 'Native Winograd kernels unavailable' in result.stderr and 'no-such-compiler' in result.stderr
 
 
 def test_winograd_falls_back_where_it_does_not_apply_and_auto_picks_per_layer():

@@ -147,9 +147,11 @@ ffi::Error InputT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dv, ffi::ResultBuf
   const float* vp = dv.typed_data();
   float* xp = dx->typed_data();
   ParallelFor(pool, g.n, [&](int64_t n) {   // one image: its overlapping tiles add into the same pixels
-    std::memset(xp + Pixel(g, n, 0, 0, 0), 0, sizeof(float) * g.h * g.w * g.c);
     alignas(64) float in[6][6][kLanes], t[6][6][kLanes], e[6][6][kLanes];
     for (int64_t ti = 0; ti < g.th; ++ti) {
+      // Rows 4 ti + 1 .. 4 ti + 4 are first reached by this row of tiles: zero them now, while they fit in cache.
+      int64_t first = ti == 0 ? 0 : 4 * ti + 1, last = std::min(4 * ti + 5, g.h);
+      std::memset(xp + Pixel(g, n, first, 0, 0), 0, sizeof(float) * (last - first) * g.w * g.c);
       for (int64_t tj = 0; tj < g.tw; ++tj) {
         int64_t tile = (n * g.th + ti) * g.tw + tj;
         for (int64_t c0 = 0; c0 < g.c; c0 += kLanes) {

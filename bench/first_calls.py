@@ -4,7 +4,7 @@
 
 Each run is a fresh subprocess that builds the state, replicates it with parallel.replicate and makes three calls
 of the pmapped vqvae_trainer.train_steps (config.steps_per_call steps each, the seed recipe by default: 256x256,
-batch 32, 5 steps per call), feeding each call's state to the next as the training loop does. Call 1 includes
+batch 32, 10 steps per call), feeding each call's state to the next as the training loop does. Call 1 includes
 tracing, lowering and compiling; a call 2 as slow as call 1 means the step was compiled again. 'no cache': a new
 empty OASIS_JAX_CACHE every run; 'cache': one shared compilation cache, filled by a first run that is not counted.
 Prints the median of --runs runs of each, alternating, and a final JSON line.

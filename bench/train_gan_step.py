@@ -1,6 +1,6 @@
 """Stage-2 G+D train step: oasis_jax vs a PyTorch peer of the same models, and against this machine's GEMM peak.
 
-    python bench/train_gan_step.py [--sizes=seed,demo] [--rounds=5] [--conv_impls=xla,auto]
+    python bench/train_gan_step.py [--sizes=seed,demo] [--rounds=5] [--conv_impls=xla,auto,auto+xla_transforms]
 
 seed: the `default` GAN recipe over the `default` stage 1 (64x64 code maps, K=512, D=64, batch 64, widths 64);
 demo: the `demo` recipes (32x32 codes, K=64, D=16, batch 32, widths 32). Both with the logits head, minibatch std
@@ -9,6 +9,7 @@ alternating rounds; median images/s, the ratio, and useful FLOP/s (XLA's cost an
 direct convolutions, conv_impl=xla) vs the fp32 GEMM peak.
 """
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -23,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from configs import gan as gan_configs  # noqa: E402
 from configs import vqvae as vqvae_configs  # noqa: E402
-from oasis_jax import gan_trainer, parallel  # noqa: E402
+from oasis_jax import gan_trainer, parallel, winograd_cpu  # noqa: E402
 from train_step import alternating_medians, machine_header, xla_flops  # noqa: E402
 
 
@@ -84,7 +85,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--sizes', default='seed,demo')
   parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument('--conv_impls', default='xla,auto', help='oasis_jax variants (config.conv_impl) to time')
+  parser.add_argument('--conv_impls', default='xla,auto,auto+xla_transforms',
+                      help='oasis_jax variants (config.conv_impl[+xla_transforms: Winograd without the native kernels])')
   args = parser.parse_args()
   peak = machine_header()
   summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}
@@ -96,9 +98,11 @@ def main():
     real_codes = rng.integers(0, k, (config.batch_size, s, s)).astype(np.int32)
     codebook = rng.standard_normal((k, stage1.embedding_dim)).astype(np.float32)
     runners = {}
-    for impl in args.conv_impls.split(','):
+    for spec in args.conv_impls.split(','):   # 'auto+xla_transforms': Winograd without the native kernels
+      impl, _, variant = spec.partition('+')
       config.conv_impl = impl
-      runners[f'oasis_jax conv {impl}'] = jax_runner(config, stage1, real_codes, codebook)
+      with winograd_cpu.turned_off() if variant == 'xla_transforms' else contextlib.nullcontext():
+        runners[f'oasis_jax conv {spec}'] = jax_runner(config, stage1, real_codes, codebook)   # traces here
     flops = model_flops(config, stage1, real_codes, codebook)
     for mode in ('eager', 'compiled'):
       try:

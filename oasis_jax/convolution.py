@@ -8,8 +8,9 @@ it (bench/conv_layers.py measures the forms layer by layer).
 - Winograd (Lavin & Gray 2016, as in cuDNN and NNPACK) cuts the image into 6x6 tiles overlapping by 2, maps each
   tile and the 3x3 kernel into a 36-point transform domain (B^T d B, G g G^T), multiplies there (36 GEMMs of
   [tiles, C] x [C, O]: 2.25 multiplies per output instead of 9) and maps back to 4x4 outputs (A^T m A). The
-  transforms are adds and a few constant scales, fused by XLA; the backward pass is GEMMs plus the transposed
-  transforms. fp32 results differ from the direct convolution by ~1e-5 relative (tests/test_convolution.py).
+  transforms are adds and a few constant scales: native XLA:CPU kernels where winograd_cpu covers the layer (one
+  pass over the data; XLA's fusions re-read the input once per transform point), else XLA ops; the backward pass
+  is GEMMs plus the transposed transforms. fp32 results differ from the direct convolution by ~1e-5 relative (tests/test_convolution.py).
   A 4x4 stride-2 convolution is a 3x3 stride-1 convolution of the space-to-depth input (2x2 pixel blocks as 4C
   channels) with the 4x4 kernel spread over a 3x3 grid of blocks, so it takes the same path.
 - taps, for layers with few outputs (the 64->4 sub-pixel layer that ends the decoder): one GEMM [N*H*W, C] x

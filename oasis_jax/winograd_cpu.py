@@ -2,7 +2,7 @@
 
 XLA fuses each of the 36 points of the input transform into its own loop over the whole input, so a layer reads
 its input 36 times (the seed's 256-channel layer: 36 passes over 151 MB); the kernels make one pass, a tile at a
-time. Seed stage-1 step on a 2-core CPU: 3.98 -> 2.73 s (README, Performance).
+time. Seed stage-1 step on a 2-core CPU, 5 steps per call: 3.82 -> 2.95 s (README, Performance).
 
 The four ops are linear and each pair is the other's transpose, declared as custom VJPs, so reverse mode works to
 any order (stage 2's R1 penalty differentiates a gradient); forward mode (jax.jvp) does not.

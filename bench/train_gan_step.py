@@ -86,7 +86,7 @@ def main():
   parser.add_argument('--sizes', default='seed,demo')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--conv_impls', default='xla,auto,auto+xla_transforms',
-                      help='oasis_jax variants (config.conv_impl[+xla_transforms: Winograd without the native kernels])')
+                      help='oasis_jax variants: config.conv_impl, +xla_transforms: Winograd minus native kernels')
   args = parser.parse_args()
   peak = machine_header()
   summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}

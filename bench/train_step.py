@@ -141,7 +141,7 @@ def main():
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--torch', default='transpose-eager,transpose-compiled,subpixel-eager,subpixel-compiled')
   parser.add_argument('--conv_impls', default='auto,auto+xla_transforms',
-                      help='oasis_jax variants (config.conv_impl[+xla_transforms: Winograd without the native kernels])')
+                      help='oasis_jax variants: config.conv_impl, +xla_transforms: Winograd minus native kernels')
   parser.add_argument('--steps_per_call', default='1,10',
                       help='oasis_jax variants (config.steps_per_call; the seed recipe\'s default: 10) to time')
   args = parser.parse_args()

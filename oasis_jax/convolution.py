@@ -10,7 +10,8 @@ it (bench/conv_layers.py measures the forms layer by layer).
   [tiles, C] x [C, O]: 2.25 multiplies per output instead of 9) and maps back to 4x4 outputs (A^T m A). The
   transforms are adds and a few constant scales: native XLA:CPU kernels where winograd_cpu covers the layer (one
   pass over the data; XLA's fusions re-read the input once per transform point), else XLA ops; the backward pass
-  is GEMMs plus the transposed transforms. fp32 results differ from the direct convolution by ~1e-5 relative (tests/test_convolution.py).
+  is GEMMs plus the transposed transforms. fp32 results differ from the direct convolution by ~1e-5 relative
+  (tests/test_convolution.py).
   A 4x4 stride-2 convolution is a 3x3 stride-1 convolution of the space-to-depth input (2x2 pixel blocks as 4C
   channels) with the 4x4 kernel spread over a 3x3 grid of blocks, so it takes the same path.
 - taps, for layers with few outputs (the 64->4 sub-pixel layer that ends the decoder): one GEMM [N*H*W, C] x
@@ -146,7 +147,8 @@ def winograd3x3(x, kernel, native: bool | None = None):
   """SAME 3x3 stride-1 convolution of x [N, H, W, C] (H, W multiples of 4) with kernel [3, 3, C, O], as F(4x4, 3x3).
 
   The tile transforms run as native XLA:CPU kernels where winograd_cpu covers the layer (native=None: where
-  `winograd_cpu.usable`; False: never), else as the XLA ops above; the 36 GEMMs are XLA's either way."""
+  `winograd_cpu.usable` says so; False: never; True: always, for a caller that checked it), else as the XLA ops
+  above; the 36 GEMMs are XLA's either way."""
   n, h, w, c = x.shape
   o = kernel.shape[-1]
   g = WINOGRAD_G.astype(np.float32)

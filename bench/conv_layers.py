@@ -11,7 +11,6 @@ GFLOP/s (forward FLOPs x3 / time; Winograd does fewer multiplies, so its figure 
 of each form over XLA's, and what `convolution.pick` chooses. Prints a table and a final JSON line.
 """
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -23,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from oasis_jax import convolution, winograd_cpu  # noqa: E402
+from oasis_jax import convolution  # noqa: E402
+from train_step import conv_variant  # noqa: E402
 
 # (name, input size, in channels, out channels, kernel, stride)
 SEED_LAYERS = [
@@ -77,10 +77,10 @@ def main():
     flops = 3 * 2 * args.batch * (size // stride) ** 2 * k * k * cin * cout
 
     def make(spec):   # 'winograd+xla_transforms': Winograd without the native transform kernels
-      impl, _, variant = spec.partition('+')
+      impl, context = conv_variant(spec)
       fn = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(convolution.conv(x, w, stride, impl) ** 2),
                                       argnums=(0, 1)))
-      with winograd_cpu.turned_off() if variant == 'xla_transforms' else contextlib.nullcontext():
+      with context:
         return fn.lower(x, w).compile()
     fns = {impl: make(impl) for impl in impls}
     times = {impl: [] for impl in impls}

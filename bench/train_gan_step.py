@@ -9,7 +9,6 @@ alternating rounds; median images/s, the ratio, and useful FLOP/s (XLA's cost an
 direct convolutions, conv_impl=xla) vs the fp32 GEMM peak.
 """
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -24,8 +23,8 @@ import numpy as np  # noqa: E402
 
 from configs import gan as gan_configs  # noqa: E402
 from configs import vqvae as vqvae_configs  # noqa: E402
-from oasis_jax import gan_trainer, parallel, winograd_cpu  # noqa: E402
-from train_step import alternating_medians, machine_header, xla_flops  # noqa: E402
+from oasis_jax import gan_trainer, parallel  # noqa: E402
+from train_step import alternating_medians, conv_variant, machine_header, xla_flops  # noqa: E402
 
 
 def pmapped_step(config, stage1):
@@ -99,9 +98,8 @@ def main():
     codebook = rng.standard_normal((k, stage1.embedding_dim)).astype(np.float32)
     runners = {}
     for spec in args.conv_impls.split(','):   # 'auto+xla_transforms': Winograd without the native kernels
-      impl, _, variant = spec.partition('+')
-      config.conv_impl = impl
-      with winograd_cpu.turned_off() if variant == 'xla_transforms' else contextlib.nullcontext():
+      config.conv_impl, context = conv_variant(spec)
+      with context:
         runners[f'oasis_jax conv {spec}'] = jax_runner(config, stage1, real_codes, codebook)   # traces here
     flops = model_flops(config, stage1, real_codes, codebook)
     for mode in ('eager', 'compiled'):

@@ -60,6 +60,15 @@ def machine_header() -> float:
   return peak
 
 
+def conv_variant(spec: str):
+  """'IMPL' or 'IMPL+xla_transforms' (Winograd without the native kernels) -> (config.conv_impl, a context to
+  trace the variant's program in)."""
+  impl, _, variant = spec.partition('+')
+  if variant not in ('', 'xla_transforms'):
+    raise ValueError(f'unknown variant {variant!r} in {spec!r}: expected IMPL or IMPL+xla_transforms')
+  return impl, winograd_cpu.turned_off() if variant else contextlib.nullcontext()
+
+
 def alternating_medians(runners: dict, rounds: int) -> dict:
   """Median seconds per step of each runner (a callable that runs some steps and returns how many), timed in
   alternating rounds so that drifts in machine speed hit all alike."""
@@ -154,11 +163,11 @@ def main():
     steps = 1 if size == 'seed' else 3
     runners, flops = {}, {}
     for spec in args.conv_impls.split(','):
-      impl, _, variant = spec.partition('+')
       for per_call in args.steps_per_call.split(','):
+        impl, context = conv_variant(spec)
         config.conv_impl, config.steps_per_call = impl, int(per_call)
         name = f'oasis_jax {spec}, {per_call}/call'
-        with winograd_cpu.turned_off() if variant == 'xla_transforms' else contextlib.nullcontext():
+        with context:
           runners[name], flops[name] = jax_runner(config, batch, steps)
     for name in args.torch.split(','):
       kind, mode = name.split('-')

@@ -105,6 +105,9 @@ ffi::Error Check(ffi::Span<const int64_t> image, ffi::Span<const int64_t> points
 }
 
 inline int64_t Point(const Geometry& g, int p, int64_t tile, int64_t c0) { return (p * g.tiles + tile) * g.c + c0; }
+inline int64_t Pixel(const Geometry& g, int64_t n, int64_t y, int64_t x, int64_t c0) {
+  return ((n * g.h + y) * g.w + x) * g.c + c0;
+}
 
 // body(n, ti, tj, tile, c0) for every tile and channel block, rows of tiles in parallel.
 template <typename F>
@@ -113,9 +116,6 @@ void ForEachTileBlock(ffi::ThreadPool& pool, const Geometry& g, const F& body) {
     for (int64_t tj = 0; tj < g.tw; ++tj)
       for (int64_t c0 = 0; c0 < g.c; c0 += kLanes) body(row / g.th, row % g.th, tj, row * g.tw + tj, c0);
   });
-}
-inline int64_t Pixel(const Geometry& g, int64_t n, int64_t y, int64_t x, int64_t c0) {
-  return ((n * g.h + y) * g.w + x) * g.c + c0;
 }
 
 ffi::Error Input(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> v) {

@@ -15,7 +15,7 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard log
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from oasis_jax import gan_trainer  # imported after flag parsing: JAX starts only when there is work
+  from oasis_jax.training import gan_trainer  # imported after flag parsing: JAX starts only when there is work
   gan_trainer.train_and_evaluate(FLAGS.config, cli.check_workdir(FLAGS.workdir))
 
 

@@ -1,4 +1,4 @@
-"""jnp.argmin against oasis_jax.reductions' exact two-reduction form, at the seed VQ-VAE's sizes.
+"""jnp.argmin against oasis_jax.ops.reductions' exact two-reduction form, at the seed VQ-VAE's sizes.
 
     python bench/argmin.py [--rounds=7]
 
@@ -19,8 +19,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from oasis_jax import reductions  # noqa: E402
-from oasis_jax.vqvae import nearest_codes, squared_distances  # noqa: E402
+from oasis_jax.ops import reductions  # noqa: E402
+from oasis_jax.models.vqvae import nearest_codes, squared_distances  # noqa: E402
 
 
 def main():

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from oasis_jax import convolution  # noqa: E402
+from oasis_jax.ops import convolution  # noqa: E402
 from train_step import conv_variant  # noqa: E402
 
 # (name, input size, in channels, out channels, kernel, stride)

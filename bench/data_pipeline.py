@@ -11,7 +11,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from oasis_jax import input_pipeline, tfds_oasis  # noqa: E402
+from oasis_jax.data import input_pipeline, tfds_oasis  # noqa: E402
 
 
 def main():

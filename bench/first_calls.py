@@ -27,7 +27,8 @@ def child(config_name: str) -> None:
   import jax.numpy as jnp
   import numpy as np
   from configs import vqvae as vqvae_configs
-  from oasis_jax import cli, parallel, vqvae_trainer
+  from oasis_jax import cli, parallel
+  from oasis_jax.training import vqvae_trainer
   import train_step   # bench/train_step.py: the step pmapped as train_vqvae.py pmaps it
   cli.enable_compilation_cache()
   config = vqvae_configs.get_config(config_name)

@@ -93,7 +93,8 @@ def check_resumes(log, records):
 def compare(reference_dir, killed_dir):
   import jax
   import numpy as np
-  from oasis_jax import checkpoints, progress
+  from oasis_jax import checkpoints
+  from oasis_jax.training import progress
   a, step_a = checkpoints.restore_raw(os.path.join(reference_dir, 'checkpoints'), 'reference')
   b, step_b = checkpoints.restore_raw(os.path.join(killed_dir, 'checkpoints'), 'killed')
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)

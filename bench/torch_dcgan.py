@@ -1,4 +1,4 @@
-"""The PyTorch peer of stage 2 for the benchmarks: oasis_jax.dcgan's generator (logits head, straight-through
+"""The PyTorch peer of stage 2 for the benchmarks: oasis_jax.models.dcgan's generator (logits head, straight-through
 Gumbel-softmax) and discriminator (minibatch std), the non-saturating loss with R1, Adam; NCHW as PyTorch writes it."""
 import math
 

@@ -1,4 +1,4 @@
-"""The PyTorch peer for the benchmarks: the same VQ-VAE as oasis_jax.vqvae (widths, depths, EMA quantiser, loss,
+"""The PyTorch peer for the benchmarks: the same VQ-VAE as oasis_jax.models.vqvae (widths, depths, EMA quantiser, loss,
 Adam), written the way the seed project wrote it (NCHW, nn.Conv2d, ConvTranspose2d or PixelShuffle upsampling)."""
 import torch
 import torch.nn.functional as F

@@ -23,12 +23,13 @@ import numpy as np  # noqa: E402
 
 from configs import gan as gan_configs  # noqa: E402
 from configs import vqvae as vqvae_configs  # noqa: E402
-from oasis_jax import gan_trainer, parallel  # noqa: E402
+from oasis_jax import parallel
+from oasis_jax.training import gan_trainer  # noqa: E402
 from train_step import alternating_medians, conv_variant, machine_header, xla_flops  # noqa: E402
 
 
 def pmapped_step(config, stage1):
-  generator, discriminator = gan_trainer.make_models(config, stage1, axis_name=parallel.AXIS)
+  generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
   return jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
                                     discriminator=discriminator),
                   axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None))
@@ -61,7 +62,7 @@ def torch_runner(config, stage1, real_codes, codebook, compiled):
   import torch
   import torch_dcgan
   torch.manual_seed(0)
-  size = gan_trainer.code_size(stage1)
+  size = sampling.code_size(stage1)
   generator = torch_dcgan.Generator(size, stage1.num_embeddings, config.generator_width, config.latent_dim)
   discriminator = torch_dcgan.Discriminator(size, stage1.embedding_dim, config.discriminator_width,
                                             config.minibatch_std_group)
@@ -92,7 +93,7 @@ def main():
   for size in args.sizes.split(','):
     variant = 'default' if size == 'seed' else size
     config, stage1 = gan_configs.get_config(variant), vqvae_configs.get_config(variant)
-    s, k = gan_trainer.code_size(stage1), stage1.num_embeddings
+    s, k = sampling.code_size(stage1), stage1.num_embeddings
     rng = np.random.default_rng(0)
     real_codes = rng.integers(0, k, (config.batch_size, s, s)).astype(np.int32)
     codebook = rng.standard_normal((k, stage1.embedding_dim)).astype(np.float32)

@@ -29,7 +29,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import vqvae as vqvae_configs  # noqa: E402
-from oasis_jax import parallel, vqvae_trainer, winograd_cpu  # noqa: E402
+from oasis_jax import parallel
+from oasis_jax.ops import winograd_cpu
+from oasis_jax.training import vqvae_trainer  # noqa: E402
 
 
 def gemm_peak(n=2048, repeats=5):

@@ -8,7 +8,7 @@
     WORKDIR/eval_<split>.json    what `python -m oasis_jax.evaluate` measured
 
 Checkpoints hold unreplicated host arrays, so a run can resume on a different number of devices.
-`load_stage1(workdir)` is the only way anything outside stage-1 training loads stage 1.
+A trained stage is loaded by `stage1.load` or `sampling.load`, each in one place.
 """
 import json
 import os
@@ -20,6 +20,7 @@ from oasis_jax import parallel
 from oasis_jax.errors import UserError
 
 CONFIG_FILE = 'config.json'
+STAGE1, STAGE2 = 'vqvae', 'gan'   # the stage names config.json records
 
 
 def path(workdir: str, *parts: str) -> str:
@@ -122,14 +123,3 @@ def best_or_latest(workdir: str) -> str:
       return directory
   return path(workdir, 'checkpoints')
 
-
-def load_stage1(workdir: str):
-  """(model, variables {'params', 'vq'}, config) of a stage-1 run: its best checkpoint, else its latest."""
-  from oasis_jax import vqvae  # the model module is only needed here
-  if not os.path.isdir(path(workdir)):
-    raise UserError(f'{workdir}: stage-1 workdir does not exist (config.vqvae_workdir)')
-  stage, config = read_config(workdir)
-  if stage != 'vqvae':
-    raise UserError(f'{workdir}: holds a {stage} run, expected a stage-1 (vqvae) workdir')
-  state, _ = restore_raw(best_or_latest(workdir), 'stage-1')
-  return vqvae.model_from_config(config), {'params': state['params'], 'vq': state['vq']}, config

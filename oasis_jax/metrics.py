@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oasis_jax.input_pipeline import block_mean
-from oasis_jax.vqvae import perplexity  # noqa: F401  (re-exported: metrics live here for users)
+from oasis_jax.data.input_pipeline import block_mean
+from oasis_jax.models.vqvae import perplexity  # noqa: F401  (re-exported: metrics live here for users)
 
 
 def ssim(images, references):

@@ -1,16 +1,90 @@
-"""New slices from a trained stage 2: the generator's code maps rendered by stage 1's decoder, written as PNGs."""
+"""Generation, in one place: stage 2's models built from a config, per-row noise, the sampler (generator -> code
+map -> stage-1 decoder), `generate`, loading a trained generator (`load`) and writing samples as PNGs.
+
+Stage-2 training, evaluation and sample.py all import these; nothing here imports a trainer."""
 import os
 from typing import Any, Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from oasis_jax import checkpoints, gan_trainer, images
+from oasis_jax import checkpoints, images, ops, stage1
 from oasis_jax.errors import UserError
+from oasis_jax.models import dcgan, vqvae
+
+# The stage-1 fields a stage-2 run depends on (recorded in its config as `stage1_model`).
+STAGE1_FIELDS = ('image_size', 'num_downsamples', 'num_embeddings', 'embedding_dim')
+
+
+def code_size(stage1_config) -> int:
+  """s: stage 1's code maps are s x s."""
+  return stage1_config.image_size // 2 ** stage1_config.num_downsamples
+
+
+def make_models(config, stage1_config, axis_name=None):
+  """(Generator, Discriminator) of a stage-2 config over a stage-1 config's code maps, with the convolution form
+  `ops.layers(config.conv_impl)` picks for this backend. axis_name: the pmap axis over which the generator averages
+  batch-norm statistics in training (None to sample)."""
+  out = stage1_config.num_embeddings if config.head == 'logits' else stage1_config.embedding_dim
+  conv = ops.layers(config.get('conv_impl', 'xla'))['conv']   # runs saved before the field existed used XLA's
+  size = code_size(stage1_config)
+  return (dcgan.Generator(size, out, config.generator_width, config.upsample, axis_name, conv),
+          dcgan.Discriminator(size, config.discriminator_width, config.minibatch_std_group, conv))
+
+
+def per_row_noise(key, rows, draw):
+  """draw(fold_in(key, row)) for each global row index: the same noise for a row on 1 device or on many."""
+  return jax.vmap(lambda row: draw(jax.random.fold_in(key, row)))(rows)
+
+
+def make_sampler(generator, stage1_model, head: str):
+  """(g_variables, stage1_variables, z [N, latent], rows [N], key) -> (images [N, S, S, 1] in [0, 1], codes [N, s, s]).
+
+  Sample i is a function of (z_i, key, rows_i) only, so batching does not change it. The generator runs with its
+  batch-norm running averages (train=False)."""
+
+  def sample(g_variables, stage1_variables, z, rows, key):
+    outputs = generator.apply(g_variables, z, train=False)
+    gumbel = per_row_noise(key, rows, lambda k_: jax.random.gumbel(k_, outputs.shape[1:], outputs.dtype))
+    codes = dcgan.sample_codes(outputs, stage1_variables[vqvae.VQ]['codebook'], head, gumbel)
+    decoded = stage1_model.apply(stage1_variables, codes, method=vqvae.VQVAE.decode_codes)
+    return jnp.clip(decoded, 0, 1), codes
+  return jax.jit(sample)
+
+
+def generate(sampler, g_variables, stage1_variables, num: int, latent_dim: int, seed: int, batch: int = 16):
+  """`num` samples (images [num, S, S, 1], codes [num, s, s]) for a seed, in fixed-size batches (one compile)."""
+  z = np.asarray(jax.random.normal(jax.random.key(seed), (num, latent_dim)))
+  noise_key = jax.random.key(seed + 1)
+  rendered, codes = [], []
+  for begin in range(0, num, batch):
+    rows = np.arange(begin, begin + batch)
+    chunk = np.zeros((batch, latent_dim), np.float32)
+    chunk[:min(batch, num - begin)] = z[begin:begin + batch]
+    out, out_codes = jax.device_get(sampler(g_variables, stage1_variables, chunk, rows, noise_key))
+    rendered.append(out[:num - begin])
+    codes.append(out_codes[:num - begin])
+  return np.concatenate(rendered), np.concatenate(codes)
+
+
+def sampling_variables(g_state) -> dict:
+  """The generator variables samples are drawn from: the EMA weights and the batch-norm running averages."""
+  return {'params': g_state.ema_params, 'batch_stats': g_state.batch_stats}
+
+
+def check_stage1_unchanged(config, stage1_config) -> None:
+  """A stage-2 run only fits the stage-1 model it was trained with."""
+  for field in STAGE1_FIELDS:
+    if 'stage1_model' in config and config.stage1_model[field] != stage1_config[field]:
+      raise UserError(f'{config.vqvae_workdir}: stage-1 {field}={stage1_config[field]!r}, but this stage-2 run was '
+                      f'trained with {config.stage1_model[field]!r}: train stage 2 again in another --workdir')
 
 
 class Loaded(NamedTuple):
   """A trained stage 2 with the stage 1 it renders through."""
-  sample: Callable          # gan_trainer.make_sampler's function
+  sample: Callable          # make_sampler's function
   g_variables: dict         # the generator's (EMA) params and batch-norm averages
   stage1_model: Any
   stage1_variables: dict
@@ -18,28 +92,28 @@ class Loaded(NamedTuple):
   config: ml_collections.ConfigDict   # the stage-2 run's
 
 
-def load_generator(workdir: str) -> Loaded:
+def load(workdir: str) -> Loaded:
   """A stage-2 run from its best checkpoint (lowest validation SWD), else its latest, and its stage 1."""
   if not os.path.isdir(checkpoints.path(workdir)):
     raise UserError(f'{workdir}: stage-2 workdir does not exist (train it with train_gan.py, or pass --workdir)')
   stage, config = checkpoints.read_config(workdir)
-  if stage != gan_trainer.STAGE:
-    raise UserError(f'{workdir}: holds a {stage} run, expected a stage-2 (gan) workdir')
-  stage1_model, stage1_variables, stage1_config = checkpoints.load_stage1(config.vqvae_workdir)
-  gan_trainer.check_stage1_unchanged(config, stage1_config)
+  if stage != checkpoints.STAGE2:
+    raise UserError(f'{workdir}: holds a {stage} run, expected a stage-2 ({checkpoints.STAGE2}) workdir')
+  stage1_model, stage1_variables, stage1_config = stage1.load(config.vqvae_workdir)
+  check_stage1_unchanged(config, stage1_config)
   state, _ = checkpoints.restore_raw(checkpoints.best_or_latest(workdir), 'stage-2')
   generator_state = state['0'] if '0' in state else state[0]
   g_variables = {'params': generator_state['ema_params'], 'batch_stats': generator_state['batch_stats']}
-  generator, _ = gan_trainer.make_models(config, stage1_config)
-  return Loaded(gan_trainer.make_sampler(generator, stage1_model, config.head), g_variables, stage1_model,
-                stage1_variables, stage1_config, config)
+  generator, _ = make_models(config, stage1_config)
+  return Loaded(make_sampler(generator, stage1_model, config.head), g_variables, stage1_model, stage1_variables,
+                stage1_config, config)
 
 
 def write_samples(workdir: str, outdir: str, num: int, seed: int, batch: int = 16) -> list[str]:
   """Writes sample_0000.png ... and grid.png into outdir; the same seed gives the same images."""
   if num <= 0:
     raise UserError(f'--num={num}: expected a positive number of samples')
-  loaded = load_generator(workdir)
+  loaded = load(workdir)
   try:
     os.makedirs(outdir, exist_ok=True)
     probe = os.path.join(outdir, '.write_test')
@@ -47,8 +121,8 @@ def write_samples(workdir: str, outdir: str, num: int, seed: int, batch: int = 1
     os.remove(probe)
   except OSError as error:
     raise UserError(f'{outdir}: cannot write samples there ({error.strerror})') from None
-  rendered, _ = gan_trainer.generate(loaded.sample, loaded.g_variables, loaded.stage1_variables, num,
-                                     loaded.config.latent_dim, seed, batch)
+  rendered, _ = generate(loaded.sample, loaded.g_variables, loaded.stage1_variables, num, loaded.config.latent_dim,
+                         seed, batch)
   files = []
   for i, image in enumerate(rendered):
     files.append(os.path.join(outdir, f'sample_{i:04d}.png'))

@@ -9,7 +9,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-from oasis_jax import demo_data  # noqa: E402
+from oasis_jax.data import demo_data  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oasis_jax import convolution, winograd_cpu
+from oasis_jax.ops import convolution, winograd_cpu
 
 
 @pytest.mark.parametrize('size, kernel, stride, cin, cout', [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oasis_jax import demo_data, input_pipeline, oasis_files, tfds_oasis
+from oasis_jax.data import demo_data, input_pipeline, oasis_files, tfds_oasis
 from oasis_jax.errors import UserError
 
 

@@ -12,7 +12,9 @@ from PIL import Image
 from configs import gan as gan_configs
 from configs import vqvae as vqvae_configs
 from conftest import run_cli
-from oasis_jax import checkpoints, dcgan, gan_trainer, parallel, sampling, vqvae
+from oasis_jax import checkpoints, parallel, sampling, stage1
+from oasis_jax.models import dcgan, vqvae
+from oasis_jax.training import gan_trainer
 
 
 def test_gumbel_straight_through_is_one_hot_forward_and_softmax_backward():
@@ -53,7 +55,7 @@ def test_generator_codes_are_valid_indices_for_any_input(head):
   stage1 = vqvae_configs.get_config('tiny')
   config = gan_configs.get_config('tiny')
   config.head = head
-  generator, discriminator = gan_trainer.make_models(config, stage1)
+  generator, discriminator = sampling.make_models(config, stage1)
   g_vars = generator.init(jax.random.key(0), jnp.zeros((2, config.latent_dim)), train=False)
   z = 100.0 * jax.random.normal(jax.random.key(1), (4, config.latent_dim))   # far outside the training range
   outputs = generator.apply(g_vars, z, train=False)
@@ -77,7 +79,7 @@ def test_two_device_gan_step_equals_one_device_step(overrides):
   states = jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0)))
   codebook = jax.random.normal(jax.random.key(1), (32, 8))
   real = np.asarray(jax.random.randint(jax.random.key(2), (8, 16, 16), 0, 32))
-  generator, discriminator = gan_trainer.make_models(config, stage1, axis_name=parallel.AXIS)
+  generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
   step = functools.partial(gan_trainer.train_step, config=config, generator=generator, discriminator=discriminator)
   results = []
   for devices in (jax.local_devices()[:1], jax.local_devices()[:2]):
@@ -127,10 +129,10 @@ def test_sample_cli_writes_pngs_deterministically(tiny_chain, tmp_path):
 
 
 def test_samples_are_decoded_by_the_restored_stage1(tiny_chain):
-  loaded = sampling.load_generator(tiny_chain['gan'])
+  loaded = sampling.load(tiny_chain['gan'])
   z = jax.random.normal(jax.random.key(0), (2, loaded.config.latent_dim))
   images, codes = loaded.sample(loaded.g_variables, loaded.stage1_variables, z, np.arange(2), jax.random.key(1))
-  model, variables, _ = checkpoints.load_stage1(tiny_chain['stage1'])
+  model, variables, _ = stage1.load(tiny_chain['stage1'])
   best, _ = checkpoints.restore_raw(os.path.join(tiny_chain['stage1'], 'best'), 'stage-1')
   direct = model.apply({'params': best['params'], 'vq': best['vq']}, codes, method=vqvae.VQVAE.decode_codes)
   np.testing.assert_allclose(images, np.clip(direct, 0, 1), atol=1e-6)
@@ -138,8 +140,8 @@ def test_samples_are_decoded_by_the_restored_stage1(tiny_chain):
 
 
 def test_a_sample_does_not_depend_on_the_batch_it_is_drawn_in(tiny_chain):
-  loaded = sampling.load_generator(tiny_chain['gan'])
-  draw = functools.partial(gan_trainer.generate, loaded.sample, loaded.g_variables, loaded.stage1_variables, 5,
+  loaded = sampling.load(tiny_chain['gan'])
+  draw = functools.partial(sampling.generate, loaded.sample, loaded.g_variables, loaded.stage1_variables, 5,
                            loaded.config.latent_dim, 3)
   small, small_codes = draw(batch=2)
   large, large_codes = draw(batch=8)
@@ -155,7 +157,7 @@ def test_evaluate_gan_prints_generation_metrics(tiny_chain):
   for group in ('samples', 'reconstructions'):
     assert set(line[group]) == {'swd', 'ms_ssim', 'code_kl', 'nn_ssim'} and line[group]['swd'] > 0
   assert 0 < line['real']['nn_ssim'] <= 1 and 0 < line['real']['ms_ssim'] < 1
-  assert line['goals']['swd_ratio'] == pytest.approx(line['samples']['swd'] / line['reconstructions']['swd'])
+  assert 'goals' not in line   # figures only: targets belong to the issue tracker, not the output
   with open(os.path.join(tiny_chain['gan'], 'eval_test.json')) as f:
     assert json.load(f) == line
   wrong = run_cli('-m', 'oasis_jax.evaluate', '--stage=vqvae', f'--workdir={tiny_chain["gan"]}', check=False)

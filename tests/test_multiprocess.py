@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 from conftest import REPO, run_cli
-from oasis_jax import checkpoints, progress
+from oasis_jax import checkpoints
+from oasis_jax.training import progress
 
 
 def _free_port():

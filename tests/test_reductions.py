@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oasis_jax import reductions, vqvae
+from oasis_jax.models import vqvae
+from oasis_jax.ops import reductions
 
 
 def rows():

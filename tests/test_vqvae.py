@@ -9,7 +9,10 @@ import pytest
 
 from conftest import run_cli, train_losses
 from configs import vqvae as vqvae_configs
-from oasis_jax import checkpoints, input_pipeline, parallel, tfds_oasis, vqvae, vqvae_trainer
+from oasis_jax import checkpoints, parallel, stage1
+from oasis_jax.data import input_pipeline, tfds_oasis
+from oasis_jax.models import vqvae
+from oasis_jax.training import loop, vqvae_trainer
 
 
 def numpy_ema_update(state, counts, sums, decay, epsilon):
@@ -95,7 +98,7 @@ def test_model_shapes_and_upsample_kinds():
   config = vqvae_configs.get_config('tiny')
   for kind in ('subpixel', 'transpose'):
     config.upsample = kind
-    model = vqvae.model_from_config(config)
+    model = stage1.model_from_config(config)
     x = jnp.zeros((2, 64, 64, 1))
     variables = model.init(jax.random.key(0), x)
     reconstruction, z, quantized, codes = model.apply(variables, x)
@@ -113,7 +116,7 @@ def test_convolution_forms_give_the_same_model(tiny_batch):
   outputs = {}
   for impl in ('xla', 'im2col', 'winograd', 'auto'):
     config.conv_impl = impl
-    model = vqvae.model_from_config(config)
+    model = stage1.model_from_config(config)
     variables = model.init(jax.random.key(0), x) if impl == 'xla' else variables
     outputs[impl] = model.apply(variables, x)
   for impl in ('im2col', 'winograd', 'auto'):
@@ -215,14 +218,15 @@ def test_steps_in_call_end_at_logs_evaluations_checkpoints_and_the_last_step():
   config = vqvae_configs.get_config('tiny')
   config.steps_per_call, config.log_every_steps = 4, 6
   config.eval_every_steps, config.checkpoint_every_steps = 100, 9
+  cadence = loop.Cadence(config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps,
+                         config.steps_per_call)
   calls, step = [], 0
   while step < 14:
-    count = vqvae_trainer.steps_in_call(step + 1, 14, config)
+    count = cadence.steps_in_call(step + 1, 14)
     calls.append(count)
     step += count
   assert calls == [4, 2, 3, 3, 2]   # steps 1-4, 5-6 (log), 7-9 (save), 10-12 (log), 13-14 (end)
-  config.steps_per_call = 1
-  assert vqvae_trainer.steps_in_call(1, 14, config) == 1
+  assert loop.Cadence(6, 100, 9, 1).steps_in_call(1, 14) == 1
 
 
 def test_bfloat16_compute_keeps_float32_state_and_tracks_the_float32_step(tiny_batch):
@@ -245,7 +249,7 @@ def test_bfloat16_compute_keeps_float32_state_and_tracks_the_float32_step(tiny_b
               if jnp.issubdtype(leaf.dtype, jnp.floating)]
     assert len(floats) > 10 and all(leaf.dtype == jnp.float32 for leaf in floats)
     if dtype == 'bfloat16':
-      model = vqvae.model_from_config(config)
+      model = stage1.model_from_config(config)
       reconstruction, z, _, _ = model.apply({'params': jax.tree.map(lambda x: x[0], state.params),
                                              'vq': jax.tree.map(lambda x: x[0], state.vq)}, tiny_batch)
       assert z.dtype == jnp.float32 and reconstruction.dtype == jnp.float32   # cast back at the boundaries
@@ -304,7 +308,7 @@ def test_evaluate_prints_one_json_line_and_writes_files(tiny_stage1):
 
 
 def test_load_stage1_gives_the_trained_model(tiny_stage1):
-  model, variables, config = checkpoints.load_stage1(tiny_stage1['whole'])
+  model, variables, config = stage1.load(tiny_stage1['whole'])
   assert config.num_embeddings == 32
   best, _ = checkpoints.restore_raw(os.path.join(tiny_stage1['whole'], 'best'), 'stage-1')
   np.testing.assert_array_equal(variables['vq']['codebook'], best['vq']['codebook'])

@@ -15,8 +15,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from oasis_jax import demo_data, oasis_files
-from oasis_jax.demo_data import IMAGE_SIZE, SPLITS
+from oasis_jax.data import demo_data, oasis_files
+from oasis_jax.data.demo_data import IMAGE_SIZE, SPLITS
 from oasis_jax.errors import UserError
 from oasis_jax.paths import default_cache_dir
 

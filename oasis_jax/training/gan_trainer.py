@@ -9,31 +9,25 @@ the checkpoint with the lowest SWD, which sample.py and evaluate use.
 import functools
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax.training import train_state
 
-from oasis_jax import (checkpoints, convolution, dcgan, images, input_pipeline, metrics, parallel, progress,
-                       tfds_oasis, vqvae)
+from oasis_jax import checkpoints, images, metrics, ops, parallel, sampling, stage1
+from oasis_jax.data import input_pipeline, tfds_oasis
 from oasis_jax.errors import UserError
+from oasis_jax.models import dcgan
+from oasis_jax.training import loop
 
-STAGE = 'gan'
 # Fields that define the models: a resumed run must have the same ones.
-STAGE1_FIELDS = ('image_size', 'num_downsamples', 'num_embeddings', 'embedding_dim')
 MODEL_FIELDS = ('head', 'latent_dim', 'generator_width', 'discriminator_width', 'upsample', 'minibatch_std_group')
 
 
 class GeneratorState(train_state.TrainState):
   batch_stats: Any
   ema_params: Any   # exponential moving average of params (config.generator_ema; = params when it is 0): sampled
-
-
-def code_size(stage1_config) -> int:
-  return stage1_config.image_size // 2 ** stage1_config.num_downsamples
 
 
 def resolve_data(config, stage1_config) -> ml_collections.ConfigDict:
@@ -43,26 +37,18 @@ def resolve_data(config, stage1_config) -> ml_collections.ConfigDict:
   for field in ('dataset', 'data_dir', 'cache_dir'):
     if not config[field]:
       config[field] = stage1_config[field]
-  config.stage1_model = {field: stage1_config[field] for field in STAGE1_FIELDS}
+  config.stage1_model = {field: stage1_config[field] for field in sampling.STAGE1_FIELDS}
   return config
 
 
-def check_stage1_unchanged(config, stage1_config) -> None:
-  """A stage-2 run only fits the stage-1 model it was trained with."""
-  for field in STAGE1_FIELDS:
-    if 'stage1_model' in config and config.stage1_model[field] != stage1_config[field]:
-      raise UserError(f'{config.vqvae_workdir}: stage-1 {field}={stage1_config[field]!r}, but this stage-2 run was '
-                      f'trained with {config.stage1_model[field]!r}: train stage 2 again in another --workdir')
-
-
 def check_config(config, stage1_config) -> None:
-  size = code_size(stage1_config)
+  size = sampling.code_size(stage1_config)
   if size < 8 or size & (size - 1):
     raise UserError(f'{config.vqvae_workdir}: stage-1 code maps are {size}x{size}; the DCGAN needs a power of two >= 8')
   for field in ('latent_dim', 'generator_width', 'discriminator_width', 'num_train_steps', 'batch_size'):
     if config[field] <= 0:
       raise UserError(f'config.{field}={config[field]}: expected a positive number')
-  convolution.check_impl(config.get('conv_impl', 'xla'))
+  ops.check_conv_impl(config.get('conv_impl', 'xla'))
   if config.head not in ('logits', 'latent'):
     raise UserError(f'config.head={config.head!r}: expected logits (design a) or latent (design b)')
   if config.loss not in ('nonsaturating', 'hinge'):
@@ -79,17 +65,9 @@ def check_config(config, stage1_config) -> None:
                     f'batch ({per_device})')
 
 
-def make_models(config, stage1_config, axis_name=None):
-  size = code_size(stage1_config)
-  out = stage1_config.num_embeddings if config.head == 'logits' else stage1_config.embedding_dim
-  impl = config.get('conv_impl', 'xla')   # runs saved before the field existed used XLA's convolutions
-  return (dcgan.Generator(size, out, config.generator_width, config.upsample, axis_name, impl),
-          dcgan.Discriminator(size, config.discriminator_width, config.minibatch_std_group, impl))
-
-
 def create_states(config, stage1_config, key):
-  generator, discriminator = make_models(config, stage1_config)
-  size, d = code_size(stage1_config), stage1_config.embedding_dim
+  generator, discriminator = sampling.make_models(config, stage1_config)
+  size, d = sampling.code_size(stage1_config), stage1_config.embedding_dim
   tx = lambda: optax.adam(config.learning_rate, b1=config.beta1)
 
   def create(key):
@@ -100,11 +78,6 @@ def create_states(config, stage1_config, key):
                                   ema_params=g_vars['params'], tx=tx()),
             train_state.TrainState.create(apply_fn=None, params=d_vars['params'], tx=tx()))
   return jax.jit(create)(key)
-
-
-def per_row_noise(key, rows, draw):
-  """draw(fold_in(key, row)) for each global row index: the same noise for a row on 1 device or on many."""
-  return jax.vmap(lambda row: draw(jax.random.fold_in(key, row)))(rows)
 
 
 def generated_codes(outputs, codebook, config, gumbel_noise):
@@ -144,10 +117,10 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
 
   def generate(g_params, key):
     z_key, gumbel_key = jax.random.split(key)
-    z = per_row_noise(z_key, rows, lambda k_: jax.random.normal(k_, (config.latent_dim,)))
+    z = sampling.per_row_noise(z_key, rows, lambda k_: jax.random.normal(k_, (config.latent_dim,)))
     outputs, updates = generator.apply({'params': g_params, 'batch_stats': g_state.batch_stats}, z, train=True,
                                        mutable=['batch_stats'])
-    gumbel = per_row_noise(gumbel_key, rows, lambda k_: jax.random.gumbel(k_, outputs.shape[1:], outputs.dtype))
+    gumbel = sampling.per_row_noise(gumbel_key, rows, lambda k_: jax.random.gumbel(k_, outputs.shape[1:], outputs.dtype))
     fake, codes, penalty = generated_codes(outputs, codebook, config, gumbel)
     return fake, codes, penalty, updates['batch_stats']
 
@@ -186,70 +159,13 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
   return (g_state, d_state), step_metrics
 
 
-def encode_split(stage1_model, stage1_variables, source, image_size: int, batch_size: int = 32) -> np.ndarray:
-  """The code maps [N, s, s] int32 of every slice of a split, in order (stage 1's encoder + codebook)."""
-  sharding = input_pipeline.current_sharding(batch_size * jax.local_device_count(), image_size)
-  sharding = input_pipeline.Sharding(sharding.global_batch, 1, 0, sharding.local_devices, image_size)
-  encode = jax.pmap(lambda v, x: stage1_model.apply(v, x, method=vqvae.VQVAE.encode_to_codes))
-  p_variables = parallel.replicate(stage1_variables)
-  maps = []
-  for batch, mask in input_pipeline.eval_batches(source, sharding):
-    codes = np.asarray(encode(p_variables, batch))
-    maps.append(codes[mask])
-  return np.concatenate(maps)
-
-
-def code_batches(code_maps: np.ndarray, sharding: input_pipeline.Sharding, seed: int):
-  """Checkpointable iterator of shuffled real code-map batches [local_devices, per_device, s, s]."""
-  start, stop = sharding.process_index * sharding.per_process, (sharding.process_index + 1) * sharding.per_process
-  dataset = (grain.MapDataset.range(len(code_maps)).seed(seed).shuffle().repeat()
-             .batch(sharding.global_batch, drop_remainder=True)
-             .map(lambda rows: code_maps[rows[start:stop]].reshape((sharding.local_devices, -1) + code_maps.shape[1:])))
-  return iter(dataset.to_iter_dataset())
-
-
-def make_sampler(generator, stage1_model, head: str):
-  """(g_variables, stage1_variables, z [N, latent], rows [N], key) -> (images [N, S, S, 1] in [0, 1], codes [N, s, s]).
-
-  Sample i is a function of (z_i, key, rows_i) only, so batching does not change it. The generator runs with its
-  batch-norm running averages (train=False)."""
-
-  def sample(g_variables, stage1_variables, z, rows, key):
-    outputs = generator.apply(g_variables, z, train=False)
-    gumbel = per_row_noise(key, rows, lambda k_: jax.random.gumbel(k_, outputs.shape[1:], outputs.dtype))
-    codes = dcgan.sample_codes(outputs, stage1_variables[vqvae.VQ]['codebook'], head, gumbel)
-    decoded = stage1_model.apply(stage1_variables, codes, method=vqvae.VQVAE.decode_codes)
-    return jnp.clip(decoded, 0, 1), codes
-  return jax.jit(sample)
-
-
-def generate(sampler, g_variables, stage1_variables, num: int, latent_dim: int, seed: int, batch: int = 16):
-  """`num` samples (images [num, S, S, 1], codes [num, s, s]) for a seed, in fixed-size batches (one compile)."""
-  z = np.asarray(jax.random.normal(jax.random.key(seed), (num, latent_dim)))
-  noise_key = jax.random.key(seed + 1)
-  images, codes = [], []
-  for begin in range(0, num, batch):
-    rows = np.arange(begin, begin + batch)
-    chunk = np.zeros((batch, latent_dim), np.float32)
-    chunk[:min(batch, num - begin)] = z[begin:begin + batch]
-    out, out_codes = jax.device_get(sampler(g_variables, stage1_variables, chunk, rows, noise_key))
-    images.append(out[:num - begin])
-    codes.append(out_codes[:num - begin])
-  return np.concatenate(images), np.concatenate(codes)
-
-
-def sampling_variables(g_state) -> dict:
-  """The generator variables samples are drawn from: the EMA weights and the batch-norm running averages."""
-  return {'params': g_state.ema_params, 'batch_stats': g_state.batch_stats}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains stage 2 in workdir (resuming from its latest checkpoint)."""
-  stage1_model, stage1_variables, stage1_config = checkpoints.load_stage1(config.vqvae_workdir)
+  """Trains stage 2 in workdir (resuming from its latest checkpoint); returns the last train-metrics summary."""
+  stage1_model, stage1_variables, stage1_config = stage1.load(config.vqvae_workdir)
   config = resolve_data(config, stage1_config)
   check_config(config, stage1_config)
   sharding = input_pipeline.current_sharding(config.batch_size, stage1_config.image_size)
-  checkpoints.write_config(workdir, config, STAGE,
+  checkpoints.write_config(workdir, config, checkpoints.STAGE2,
                            must_match=MODEL_FIELDS + ('vqvae_workdir', 'stage1_model', 'batch_size', 'seed'))
   builder = parallel.main_process_first(
       lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))
@@ -257,57 +173,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if len(train_source) < config.batch_size:
     raise UserError(f'config.batch_size={config.batch_size}: larger than the training split ({len(train_source)})')
   print(f'[gan] encoding {len(train_source)} training slices with stage 1 ({config.vqvae_workdir})', flush=True)
-  real_maps = encode_split(stage1_model, stage1_variables, train_source, stage1_config.image_size)
+  real_maps = stage1.encode_split(stage1_model, stage1_variables, train_source, stage1_config.image_size)
   validation_images = input_pipeline.load_images(builder.as_data_source('validate'), stage1_config.image_size,
                                                   config.eval_images)
   codebook = jnp.asarray(stage1_variables['vq']['codebook'])
 
   states = create_states(config, stage1_config, jax.random.key(config.seed))
-  iterator = code_batches(real_maps, sharding, config.seed)
-  store = checkpoints.Checkpoints(workdir, best_metric='neg_swd')
-  restored = store.restore_latest(jax.device_get(states))
-  if restored is not None:
-    states, data_state = restored
-    iterator.set_state(data_state)
-    print(f'[gan] resuming {workdir} from step {int(states[0].step)}', flush=True)
-  start_step = int(states[0].step)
-  generator, discriminator = make_models(config, stage1_config, axis_name=parallel.AXIS)
-  p_states = parallel.replicate(states)
+  iterator = input_pipeline.code_map_iterator(real_maps, sharding, config.seed)
+  generator, discriminator = sampling.make_models(config, stage1_config, axis_name=parallel.AXIS)
   p_train_step = jax.pmap(
       functools.partial(train_step, config=config, generator=generator, discriminator=discriminator),
       axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None))
-  sampler = make_sampler(make_models(config, stage1_config)[0], stage1_model, config.head)
-  log = progress.Progress(workdir, config.num_train_steps, start_step, 'gan')
-  print(f'[gan] {config.num_train_steps} steps, global batch {config.batch_size} on {jax.device_count()} device(s), '
-        f'code maps {real_maps.shape[1]}x{real_maps.shape[2]} over K={stage1_config.num_embeddings}, '
-        f'head {config.head}', flush=True)
+  sampler = sampling.make_sampler(sampling.make_models(config, stage1_config)[0], stage1_model, config.head)
   base_key = jax.random.key(config.seed + 1)
-  history = progress.History()
-  summary = {}
-  for step in range(start_step + 1, config.num_train_steps + 1):
-    p_states, step_metrics = p_train_step(p_states, next(iterator), jax.random.fold_in(base_key, step), codebook)
-    history.append(step_metrics)
-    is_last = step == config.num_train_steps
-    do_eval = step % config.sample_every_steps == 0 or is_last
-    do_save = step % config.checkpoint_every_steps == 0 or do_eval
-    if step % config.log_every_steps == 0 or do_save:
-      summary = history.summary(step, store)   # stops on a non-finite value before anything is saved
-      log.report(step, summary)
-    validation = None
-    if do_eval:
-      g_state = parallel.unreplicate(p_states[0])
-      samples, _ = generate(sampler, sampling_variables(g_state), stage1_variables, config.eval_samples,
-                            config.latent_dim, config.seed + 2)
-      validation = {'swd': metrics.swd(samples, validation_images)['mean'],
-                    'ms_ssim': metrics.ms_ssim_diversity(samples, max_pairs=256)}
-      log.report(step, validation, prefix='validate')
-      grid = images.grid(samples[:16], columns=8)
-      log.image(step, 'samples', grid)
-      if parallel.is_main_process():
-        images.save_png(grid, checkpoints.path(workdir, 'images', f'samples_{step:06d}.png'))
-    if do_save:
-      best = {'neg_swd': -validation['swd']} if validation else None
-      store.save(step, parallel.unreplicate(p_states), iterator.get_state(), best)
-  store.close()
-  log.close()
+
+  def run_steps(p_states, step, last):
+    assert step == last, 'stage 2 runs one step per call'
+    return p_train_step(p_states, next(iterator), jax.random.fold_in(base_key, step), codebook)
+
+  def evaluate(step, p_states):
+    g_state = parallel.unreplicate(p_states[0])
+    samples, _ = sampling.generate(sampler, sampling.sampling_variables(g_state), stage1_variables,
+                                   config.eval_samples, config.latent_dim, config.seed + 2)
+    validation = {'swd': metrics.swd(samples, validation_images)['mean'],
+                  'ms_ssim': metrics.ms_ssim_diversity(samples, max_pairs=256)}
+    return loop.Evaluation(validation, {'neg_swd': -validation['swd']}, images.grid(samples[:16], columns=8),
+                           'samples', f'samples_{step:06d}.png')
+
+  cadence = loop.Cadence(config.log_every_steps, config.sample_every_steps, config.checkpoint_every_steps)
+  describe = (f'{config.num_train_steps} steps, global batch {config.batch_size} on {jax.device_count()} '
+              f'device(s), code maps {real_maps.shape[1]}x{real_maps.shape[2]} over K={stage1_config.num_embeddings}, '
+              f'head {config.head}')
+  summary, _ = loop.train('gan', workdir, states, iterator, config.num_train_steps, cadence, 'neg_swd', run_steps,
+                          evaluate, describe)
   return summary

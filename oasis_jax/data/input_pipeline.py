@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
-from oasis_jax.demo_data import IMAGE_SIZE
+from oasis_jax.data.demo_data import IMAGE_SIZE
 from oasis_jax.errors import UserError
 
 
@@ -87,22 +87,35 @@ class _ReadImages:
     return to_device_batch(np.stack([r['image'] for r in records]), self.sharding)
 
 
+def shuffled_rows(num_records: int, sharding: Sharding, seed: int) -> grain.MapDataset:
+  """Infinite MapDataset of record indices: element `step` holds this process's rows of that step's global batch,
+  re-shuffled every epoch; a pure function of (seed, step)."""
+  start, stop = sharding.process_index * sharding.per_process, (sharding.process_index + 1) * sharding.per_process
+  return (grain.MapDataset.range(num_records).seed(seed).shuffle().repeat()
+          .batch(sharding.global_batch, drop_remainder=True)
+          .map(lambda indices: indices[start:stop]))
+
+
 def train_dataset(source: Sequence, sharding: Sharding, seed: int) -> grain.MapDataset:
   """Infinite MapDataset of training batches: element `step` is the batch of that step, for this process."""
   if len(source) < sharding.global_batch:
     raise UserError(f'config.batch_size={sharding.global_batch}: larger than the training split '
                     f'({len(source)} images)')
-  start, stop = sharding.process_index * sharding.per_process, (sharding.process_index + 1) * sharding.per_process
-  return (grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
-          .batch(sharding.global_batch, drop_remainder=True)
-          .map(lambda indices: indices[start:stop])
-          .map(_ReadImages(source, sharding)))
+  return shuffled_rows(len(source), sharding, seed).map(_ReadImages(source, sharding))
 
 
 def train_iterator(source: Sequence, sharding: Sharding, seed: int, prefetch: int = 4):
   """A checkpointable iterator over `train_dataset` (`get_state()` / `set_state()`), read by background threads."""
   options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)
   return iter(train_dataset(source, sharding, seed).to_iter_dataset(options))
+
+
+def code_map_iterator(code_maps: np.ndarray, sharding: Sharding, seed: int):
+  """Checkpointable iterator of shuffled batches of in-memory code maps [N, s, s] (stage 2's real data), shaped
+  [local_devices, per_device, s, s]."""
+  shape = (sharding.local_devices, -1) + code_maps.shape[1:]
+  dataset = shuffled_rows(len(code_maps), sharding, seed).map(lambda rows: code_maps[rows].reshape(shape))
+  return iter(dataset.to_iter_dataset())
 
 
 def eval_batches(source: Sequence, sharding: Sharding) -> Iterator[tuple[np.ndarray, np.ndarray]]:

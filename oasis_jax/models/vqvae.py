@@ -2,9 +2,9 @@
 
 Encoder: `num_downsamples` strided 4x4 convs (x2 down each; the last has `num_hiddens` channels, the others half),
 a 3x3 conv, a residual stack, and a 1x1 conv to `embedding_dim`: a 256x256 slice becomes a 64x64 grid of vectors
-with the seed's two downsamples. Each vector is replaced by its nearest codebook vector (squared L2); the decoder
+with two downsamples. Each vector is replaced by its nearest codebook vector (squared L2); the decoder
 mirrors the encoder, upsampling x2 with a sub-pixel conv (3x3 conv to 4x channels + depth-to-space) or, as in the
-seed, a stride-2 4x4 transposed conv (`config.upsample`).
+original PyTorch project, a stride-2 4x4 transposed conv (`config.upsample`).
 
 Codebook state (flax collection 'vq', not 'params'), as DeepMind Sonnet's `VectorQuantizerEMA`:
   codebook   [K, D]  the code vectors e_k
@@ -14,17 +14,20 @@ Codebook state (flax collection 'vq', not 'params'), as DeepMind Sonnet's `Vecto
 `ema_update` applies: hidden <- hidden - (hidden - value) * (1 - decay); debiased = hidden / (1 - decay^t);
 N <- (N + eps) / (sum N + K eps) * sum N (Laplace smoothing); e = m / N.
 """
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oasis_jax import reductions
-from oasis_jax.convolution import Conv
-
 VQ = 'vq'  # the variable collection holding the codebook state
+ModuleDef = Any
+
+
+def argmin_last(x):
+  """jnp.argmin over the last axis, int32: the first index among equal minima."""
+  return jnp.argmin(x, axis=-1).astype(jnp.int32)
 
 
 class ResidualStack(nn.Module):
@@ -32,13 +35,13 @@ class ResidualStack(nn.Module):
   num_residual_layers: int
   num_residual_hiddens: int
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x):
     for _ in range(self.num_residual_layers):
-      h = Conv(self.num_residual_hiddens, (3, 3), impl=self.conv_impl, dtype=self.dtype)(nn.relu(x))
-      x = x + Conv(self.num_hiddens, (1, 1), impl=self.conv_impl, dtype=self.dtype)(nn.relu(h))
+      h = self.conv(self.num_residual_hiddens, (3, 3), dtype=self.dtype)(nn.relu(x))
+      x = x + self.conv(self.num_hiddens, (1, 1), dtype=self.dtype)(nn.relu(h))
     return nn.relu(x)
 
 
@@ -54,12 +57,12 @@ class Upsample(nn.Module):
   features: int
   kind: str = 'subpixel'
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x):
     if self.kind == 'subpixel':
-      return depth_to_space(Conv(4 * self.features, (3, 3), impl=self.conv_impl, dtype=self.dtype)(x))
+      return depth_to_space(self.conv(4 * self.features, (3, 3), dtype=self.dtype)(x))
     if self.kind == 'transpose':
       return nn.ConvTranspose(self.features, (4, 4), strides=(2, 2), dtype=self.dtype)(x)
     raise ValueError(f'unknown upsample kind {self.kind!r}')
@@ -72,18 +75,18 @@ class Encoder(nn.Module):
   embedding_dim: int
   num_downsamples: int = 2
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x):
     def conv(features, size, stride=1):
-      return Conv(features, (size, size), (stride, stride), self.conv_impl, self.dtype)
+      return self.conv(features, (size, size), strides=(stride, stride), dtype=self.dtype)
     for i in range(self.num_downsamples):
       width = self.num_hiddens if i == self.num_downsamples - 1 else self.num_hiddens // 2
       x = nn.relu(conv(width, 4, 2)(x))
     x = conv(self.num_hiddens, 3)(x)
     x = ResidualStack(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens, self.dtype,
-                      self.conv_impl)(x)
+                      self.conv)(x)
     return conv(self.embedding_dim, 1)(x)
 
 
@@ -94,16 +97,16 @@ class Decoder(nn.Module):
   num_downsamples: int = 2
   upsample: str = 'subpixel'
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x):
-    x = Conv(self.num_hiddens, (3, 3), impl=self.conv_impl, dtype=self.dtype)(x)
+    x = self.conv(self.num_hiddens, (3, 3), dtype=self.dtype)(x)
     x = ResidualStack(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens, self.dtype,
-                      self.conv_impl)(x)
+                      self.conv)(x)
     for i in range(self.num_downsamples):
       last = i == self.num_downsamples - 1
-      x = Upsample(1 if last else self.num_hiddens // 2, self.upsample, self.dtype, self.conv_impl)(x)
+      x = Upsample(1 if last else self.num_hiddens // 2, self.upsample, self.dtype, self.conv)(x)
       x = x if last else nn.relu(x)
     return x
 
@@ -120,10 +123,10 @@ def squared_distances(vectors, codebook):
           + jnp.sum(codebook ** 2, axis=1)[None, :])
 
 
-def nearest_codes(vectors, codebook):
+def nearest_codes(vectors, codebook, argmin: Callable = argmin_last):
   """Index (int32) of the nearest codebook vector (squared L2) for each row of vectors [N, D]; fp32; the first
-  among equally near ones."""
-  return reductions.argmin(squared_distances(vectors, codebook))
+  among equally near ones. `argmin` computes it over the last axis of the distances [N, K]."""
+  return argmin(squared_distances(vectors, codebook))
 
 
 def straight_through(z, quantized):
@@ -141,13 +144,14 @@ class VQVAE(nn.Module):
   num_downsamples: int = 2
   upsample: str = 'subpixel'
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'    # or 'im2col' / 'winograd' / 'taps' / 'auto' (oasis_jax/convolution.py); same parameters
+  conv: ModuleDef = nn.Conv           # the convolution layer (oasis_jax.ops.layers picks a faster one on CPU)
+  argmin: Callable = argmin_last      # arg-min over the last axis, for the nearest codes
 
   def setup(self):
     self.encoder = Encoder(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens,
-                           self.embedding_dim, self.num_downsamples, self.dtype, self.conv_impl)
+                           self.embedding_dim, self.num_downsamples, self.dtype, self.conv)
     self.decoder = Decoder(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens,
-                           self.num_downsamples, self.upsample, self.dtype, self.conv_impl)
+                           self.num_downsamples, self.upsample, self.dtype, self.conv)
     k, d = self.num_embeddings, self.embedding_dim
     self.codebook = self.variable(VQ, 'codebook', lambda: codebook_init(self.make_rng('params'), k, d))
     self.ema_counts = self.variable(VQ, 'ema_counts', lambda: jnp.zeros((k,), jnp.float32))
@@ -161,7 +165,7 @@ class VQVAE(nn.Module):
   def encode_to_codes(self, images):
     """The code map [N, s, s] int32 of each image."""
     z = self.encode(images)
-    return nearest_codes(z.reshape(-1, z.shape[-1]), self.codebook.value).reshape(z.shape[:-1])
+    return nearest_codes(z.reshape(-1, z.shape[-1]), self.codebook.value, self.argmin).reshape(z.shape[:-1])
 
   def lookup(self, codes):
     """Codebook vectors of a code map [N, s, s] -> [N, s, s, D]."""
@@ -176,17 +180,18 @@ class VQVAE(nn.Module):
 
   def __call__(self, images):
     z = self.encode(images)
-    codes = nearest_codes(z.reshape(-1, z.shape[-1]), self.codebook.value).reshape(z.shape[:-1])
+    codes = nearest_codes(z.reshape(-1, z.shape[-1]), self.codebook.value, self.argmin).reshape(z.shape[:-1])
     quantized = self.lookup(codes)
     return self.decode(straight_through(z, quantized)), z, quantized, codes
 
 
-def model_from_config(config) -> VQVAE:
+def model_from_config(config, conv: ModuleDef = nn.Conv, argmin: Callable = argmin_last) -> VQVAE:
+  """The stage-1 model a config describes, with the given convolution layer and arg-min."""
   return VQVAE(num_hiddens=config.num_hiddens, num_residual_layers=config.num_residual_layers,
                num_residual_hiddens=config.num_residual_hiddens, embedding_dim=config.embedding_dim,
                num_embeddings=config.num_embeddings, num_downsamples=config.num_downsamples,
                upsample=config.upsample, dtype=jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32,
-               conv_impl=config.get('conv_impl', 'xla'))
+               conv=conv, argmin=argmin)
 
 
 def code_statistics(codes, vectors, num_embeddings: int):

@@ -25,8 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from oasis_jax.convolution import Conv
-from oasis_jax.vqvae import Upsample, nearest_codes, straight_through
+from oasis_jax.models.vqvae import ModuleDef, Upsample, nearest_codes, straight_through
 
 
 class Generator(nn.Module):
@@ -35,7 +34,7 @@ class Generator(nn.Module):
   width: int = 64
   upsample: str = 'subpixel'
   axis_name: Any = None     # set to the pmap axis to average batch-norm statistics over devices
-  conv_impl: str = 'xla'    # how convolutions are computed (oasis_jax/convolution.py); same parameters
+  conv: ModuleDef = nn.Conv # the convolution layer (oasis_jax.ops.layers picks a faster one on CPU)
 
   @nn.compact
   def __call__(self, z, train: bool = True):
@@ -44,22 +43,22 @@ class Generator(nn.Module):
     x = nn.Dense(4 * 4 * self.width * 2 ** levels)(z).reshape(z.shape[0], 4, 4, self.width * 2 ** levels)
     x = nn.relu(norm()(x))
     for level in range(levels):
-      x = Upsample(self.width * 2 ** (levels - level - 1), self.upsample, conv_impl=self.conv_impl)(x)
+      x = Upsample(self.width * 2 ** (levels - level - 1), self.upsample, conv=self.conv)(x)
       x = nn.relu(norm()(x))
-    return Conv(self.out_features, (3, 3), impl=self.conv_impl)(x)
+    return self.conv(self.out_features, (3, 3))(x)
 
 
 class Discriminator(nn.Module):
   code_size: int
   width: int = 64
   minibatch_std_group: int = 0  # > 0: append the minibatch standard deviation over groups of this many rows
-  conv_impl: str = 'xla'
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, embeddings):
     x = embeddings
     for level in range(int(math.log2(self.code_size // 4))):
-      x = nn.leaky_relu(Conv(self.width * 2 ** level, (4, 4), (2, 2), self.conv_impl)(x), 0.2)
+      x = nn.leaky_relu(self.conv(self.width * 2 ** level, (4, 4), strides=(2, 2))(x), 0.2)
     if self.minibatch_std_group:
       x = minibatch_std(x, self.minibatch_std_group)
     return nn.Dense(1)(x.reshape(x.shape[0], -1))[:, 0]

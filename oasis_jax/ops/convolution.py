@@ -29,17 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oasis_jax import winograd_cpu
-from oasis_jax.errors import UserError
-
-IMPLS = ('xla', 'im2col', 'winograd', 'taps', 'auto')
-
-
-def check_impl(impl: str) -> None:
-  """One-line error for an unknown config.conv_impl (both stages' configs have the field)."""
-  if impl not in IMPLS:
-    raise UserError(f'config.conv_impl={impl!r}: expected one of {", ".join(IMPLS)}')
-
+from oasis_jax.ops import winograd_cpu
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   """XLA's / TensorFlow's SAME padding (low, high) for one spatial dimension."""

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from oasis_jax.demo_data import IMAGE_SIZE, SPLITS, pad_to_square
+from oasis_jax.data.demo_data import IMAGE_SIZE, SPLITS, pad_to_square
 from oasis_jax.errors import UserError
 
 PNG_NAME = re.compile(r'^case_(\d+)_slice_(\d+)\.nii\.png$')

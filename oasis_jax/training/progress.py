@@ -12,7 +12,6 @@ import jax
 import numpy as np
 
 from oasis_jax import parallel
-from oasis_jax.errors import UserError
 
 
 def read_jsonl(workdir: str, prefix: str = 'train') -> dict:
@@ -87,15 +86,8 @@ class History:
   def append(self, step_metrics) -> None:
     self.steps.append(step_metrics)
 
-  def summary(self, step: int, store) -> dict:
-    """Mean of each metric since the last summary. A non-finite value stops the run with one line, before the
-    state that produced it can be checkpointed: the last good checkpoint in `store` stays the latest."""
+  def summary(self) -> dict:
+    """Mean of each metric since the last summary (non-finite values stay as they are, for the caller to check)."""
     fetched = jax.device_get(self.steps)
     self.steps = []
-    summary = {key: float(np.mean(np.concatenate([np.ravel(m[key][0]) for m in fetched]))) for key in fetched[0]}
-    bad = [key for key, value in summary.items() if not np.isfinite(value)]
-    if bad:
-      store.close()
-      raise UserError(f'non-finite {", ".join(bad)} at step {step}: stopped; the last good checkpoint '
-                      f'(step {store.latest_step()}) is kept. Try a lower config.learning_rate')
-    return summary
+    return {key: float(np.mean(np.concatenate([np.ravel(m[key][0]) for m in fetched]))) for key in fetched[0]}

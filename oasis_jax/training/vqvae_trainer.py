@@ -1,4 +1,4 @@
-"""Stage-1 training: `train_and_evaluate(config, workdir)`, pmapped train/eval steps, resume from checkpoints."""
+"""Stage-1 training: `train_and_evaluate(config, workdir)` and its pmapped train step (the loop is training/loop.py)."""
 import functools
 from typing import Any
 
@@ -9,11 +9,12 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from oasis_jax import (checkpoints, convolution, images, input_pipeline, metrics, parallel, progress, tfds_oasis,
-                       vqvae)
+from oasis_jax import checkpoints, ops, parallel, stage1
+from oasis_jax.data import input_pipeline, tfds_oasis
 from oasis_jax.errors import UserError
+from oasis_jax.models import vqvae
+from oasis_jax.training import loop
 
-STAGE = 'vqvae'
 # Fields that define the model and its data: a resumed run must have the same ones.
 MODEL_FIELDS = ('image_size', 'num_hiddens', 'num_residual_layers', 'num_residual_hiddens', 'embedding_dim',
                 'num_embeddings', 'num_downsamples', 'upsample')
@@ -43,7 +44,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
   if config.best_metric not in ('ssim', 'psnr'):
     raise UserError(f'config.best_metric={config.best_metric!r}: expected ssim or psnr')
-  convolution.check_impl(config.conv_impl)
+  ops.check_conv_impl(config.conv_impl)
   if config.dtype not in ('float32', 'bfloat16'):
     raise UserError(f'config.dtype={config.dtype!r}: expected float32 or bfloat16')
   for field in ('steps_per_call',) + EVENT_INTERVALS:
@@ -52,7 +53,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def learning_rate(config, total_steps: int):
-  """config.lr_schedule: 'constant' (the seed's Adam 1e-3) or 'cosine' (linear warm-up over the first 2 % of the
+  """config.lr_schedule: 'constant' (Adam 1e-3 in the default recipe) or 'cosine' (linear warm-up over the first 2 % of the
   steps, then cosine decay to 1 % of config.learning_rate at total_steps)."""
   if config.lr_schedule == 'constant':
     return config.learning_rate
@@ -62,7 +63,7 @@ def learning_rate(config, total_steps: int):
 
 def create_state(config, key, total_steps: int = 0) -> TrainState:
   """The initial state: model parameters, codebook state and Adam state (one compiled computation)."""
-  model = vqvae.model_from_config(config)
+  model = stage1.model_from_config(config)
   schedule = learning_rate(config, total_steps or max(config.num_train_steps, 1))
 
   def create(key):
@@ -99,10 +100,8 @@ def train_step(state: TrainState, batch, key, *, config, data_variance: float):
 
 def train_steps(state: TrainState, batches, keys, *, config, data_variance: float):
   """len(keys) consecutive train_steps in one call (batches: [steps, per-device batch, ...]), unrolled; returns the
-  state and each metric stacked over the steps. On XLA:CPU every call maps in and page-faults its temporary buffers
-  afresh (~2.9 GB, ~770k faults for a seed-size step), so steps that share a call reuse them: seed recipe 5.19 ->
-  4.23 s/step with 4 per call (README, Performance). A lax.scan over the steps ran 2.3x slower on CPU. The step is
-  a nested jit, traced once for all of them: the seed's 5-step call traced and lowered in 10.8 s, now 2.9 s."""
+  state and each metric stacked over the steps. XLA:CPU maps in and page-faults a call's temporary buffers afresh
+  each call, so steps that share a call reuse them. The step is a nested jit, traced once for all of them."""
   step = jax.jit(functools.partial(train_step, config=config, data_variance=data_variance))
   outputs = []
   for i in range(keys.shape[0]):
@@ -111,57 +110,9 @@ def train_steps(state: TrainState, batches, keys, *, config, data_variance: floa
   return state, jax.tree.map(lambda *values: jnp.stack(values), *outputs)
 
 
-def steps_in_call(step: int, total_steps: int, config) -> int:
-  """How many steps the call starting at `step` runs: up to config.steps_per_call, ending at the first step that
-  logs, evaluates, checkpoints or ends the run (so a killed run resumes at a call boundary of the uninterrupted one)."""
-  for count in range(1, config.steps_per_call):
-    last = step + count - 1
-    if last == total_steps or any(last % config[every] == 0 for every in EVENT_INTERVALS):
-      return count
-  return min(config.steps_per_call, total_steps - step + 1)
-
-
-def make_eval_step(model: vqvae.VQVAE, num_embeddings: int):
-  """pmapped: sums of per-image SSIM/PSNR over the real (mask) rows and their code counts, summed over all devices
-  of all processes (so every process gets the global figures), and this device's reconstructions."""
-
-  def step(variables, batch, mask):
-    reconstruction, _, _, codes = model.apply(variables, batch)
-    real = mask.astype(jnp.float32)
-    weights = real[:, None, None] * jnp.ones(codes.shape, jnp.float32)
-    counts = jax.nn.one_hot(codes, num_embeddings).reshape(-1, num_embeddings).T @ weights.reshape(-1)
-    sums = {'ssim': jnp.sum(metrics.ssim(reconstruction, batch) * real),
-            'psnr': jnp.sum(metrics.psnr(reconstruction, batch) * real), 'images': jnp.sum(real), 'counts': counts}
-    return jax.lax.psum(sums, parallel.AXIS), jnp.clip(reconstruction, 0, 1)
-  return jax.pmap(step, axis_name=parallel.AXIS)
-
-
-def evaluate_split(p_eval_step, p_variables, source, sharding, max_images: int = -1):
-  """SSIM, PSNR, perplexity and codes used over a split; plus the first batch's images and reconstructions."""
-  totals, first = None, None
-  for batch, mask in input_pipeline.eval_batches(source, sharding):
-    sums, reconstruction = jax.device_get(p_eval_step(p_variables, batch, mask))
-    sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    if first is None:
-      first = (batch[mask], reconstruction[mask])
-    if 0 < max_images <= totals['images']:
-      break
-  counts = totals['counts']
-  result = {'ssim': float(totals['ssim'] / totals['images']), 'psnr': float(totals['psnr'] / totals['images']),
-            'perplexity': float(vqvae.perplexity(jnp.asarray(counts))), 'codes_used': int((counts > 0).sum()),
-            'images': int(totals['images'])}
-  return result, first
-
-
-def comparison_grid(originals, reconstructions, count: int = 8):
-  """Rows of originals over their reconstructions."""
-  count = min(count, len(originals))
-  return images.grid(np.concatenate([originals[:count], reconstructions[:count]]), columns=count)
-
-
 def data_variance(source, image_size: int, sample: int = 512) -> float:
-  """Variance of training pixel values in [0, 1] over up to `sample` evenly spaced slices (the seed's normaliser)."""
+  """Variance of training pixel values in [0, 1] over up to `sample` evenly spaced slices: the reconstruction
+  loss's normaliser, as in the VQ-VAE paper's and Sonnet's examples."""
   return float(np.var(input_pipeline.load_images(source, image_size, sample)))
 
 
@@ -179,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains stage 1 in workdir (resuming from its latest checkpoint) and returns the last validation metrics."""
   check_config(config)
   sharding = input_pipeline.current_sharding(config.batch_size, config.image_size)
-  checkpoints.write_config(workdir, config, STAGE,
+  checkpoints.write_config(workdir, config, checkpoints.STAGE1,
                            must_match=MODEL_FIELDS + ('dataset', 'batch_size', 'seed', 'lr_schedule'))
   builder = parallel.main_process_first(
       lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))
@@ -189,47 +140,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   state = create_state(config, jax.random.key(config.seed), total_steps)
   iterator = input_pipeline.train_iterator(train_source, sharding, config.seed)
-  store = checkpoints.Checkpoints(workdir, best_metric=config.best_metric)
-  restored = store.restore_latest(jax.device_get(state))
-  if restored is not None:
-    state, data_state = restored
-    iterator.set_state(data_state)
-    print(f'[vqvae] resuming {workdir} from step {int(state.step)}', flush=True)
-  start_step = int(state.step)
-  model = vqvae.model_from_config(config)
-  p_state = parallel.replicate(state)
   p_train_steps = jax.pmap(functools.partial(train_steps, config=config, data_variance=variance),
                            axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None))
-  p_eval_step = make_eval_step(model, config.num_embeddings)
-  log = progress.Progress(workdir, total_steps, start_step, 'vqvae')
-  print(f'[vqvae] {total_steps} steps, global batch {config.batch_size} on {jax.device_count()} device(s), '
-        f'{len(train_source)} train slices, data variance {variance:.4f}', flush=True)
+  p_eval_step = stage1.make_eval_step(stage1.model_from_config(config), config.num_embeddings)
   base_key = jax.random.key(config.seed + 1)
-  validation = {}
-  history = progress.History()
-  step = start_step
-  while step < total_steps:
-    first, step = step + 1, step + steps_in_call(step + 1, total_steps, config)
-    batches = np.stack([next(iterator) for _ in range(first, step + 1)], axis=1)
-    keys = jnp.stack([jax.random.fold_in(base_key, s) for s in range(first, step + 1)])
-    p_state, step_metrics = p_train_steps(p_state, batches, keys)
-    history.append(step_metrics)
-    is_last = step == total_steps
-    do_eval = step % config.eval_every_steps == 0 or is_last
-    do_save = step % config.checkpoint_every_steps == 0 or do_eval
-    if step % config.log_every_steps == 0 or do_save:
-      log.report(step, history.summary(step, store))   # stops on a non-finite loss before anything is saved
-    if do_eval:
-      p_variables = {'params': p_state.params, vqvae.VQ: p_state.vq}
-      validation, (originals, reconstructions) = evaluate_split(p_eval_step, p_variables, validate_source, sharding,
-                                                                config.max_eval_images)
-      log.report(step, validation, prefix='validate')
-      grid = comparison_grid(originals, reconstructions)
-      log.image(step, 'validate/originals_over_reconstructions', grid)
-      if parallel.is_main_process():
-        images.save_png(grid, checkpoints.path(workdir, 'images', f'reconstructions_{step:06d}.png'))
-    if do_save:
-      store.save(step, parallel.unreplicate(p_state), iterator.get_state(), validation if do_eval else None)
-  store.close()
-  log.close()
+
+  def run_steps(p_state, first, last):
+    batches = np.stack([next(iterator) for _ in range(first, last + 1)], axis=1)
+    keys = jnp.stack([jax.random.fold_in(base_key, s) for s in range(first, last + 1)])
+    return p_train_steps(p_state, batches, keys)
+
+  def evaluate(step, p_state):
+    p_variables = {'params': p_state.params, vqvae.VQ: p_state.vq}
+    validation, (originals, reconstructions) = stage1.evaluate_split(p_eval_step, p_variables, validate_source,
+                                                                     sharding, config.max_eval_images)
+    return loop.Evaluation(validation, validation, stage1.comparison_grid(originals, reconstructions),
+                           'validate/originals_over_reconstructions', f'reconstructions_{step:06d}.png')
+
+  cadence = loop.Cadence(config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps,
+                         config.steps_per_call)
+  describe = (f'{total_steps} steps, global batch {config.batch_size} on {jax.device_count()} device(s), '
+              f'{len(train_source)} train slices, data variance {variance:.4f}')
+  _, validation = loop.train('vqvae', workdir, state, iterator, total_steps, cadence, config.best_metric, run_steps,
+                             evaluate, describe)
   return validation

@@ -1,0 +1,75 @@
+"""Evaluation of a trained workdir on a split (the library behind `python -m oasis_jax.evaluate`).
+
+Stage 1 (vqvae): SSIM and PSNR of reconstructions over the whole split, codebook perplexity and codes used.
+Stage 2 (gan): as many samples as the split has slices, compared with the split's real slices, and the same numbers
+for stage-1 reconstructions of those slices as the reference point (no downloaded weights):
+  swd        sliced Wasserstein distance on Laplacian-pyramid 7x7 patches (Karras et al. 2018), x1e3, to the split
+  ms_ssim    mean MS-SSIM between pairs of images of the set: diversity (lower = more diverse)
+  code_kl    KL(code histogram of the split's slices || code histogram of the set)
+  nn_ssim    mean over the set of the highest SSIM against any training slice (64x64): memorisation check
+Each evaluate_* returns the figures as a dict and writes them to WORKDIR/eval_<split>.json, with a picture under
+WORKDIR/images/. The dataset is the one the run was trained on (its saved config).
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oasis_jax import checkpoints, images, metrics, parallel, sampling, stage1
+from oasis_jax.data import input_pipeline, tfds_oasis
+
+
+def evaluate_vqvae(workdir: str, split: str, batch_size: int) -> dict:
+  model, variables, config = stage1.load(workdir)
+  source = tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir).as_data_source(split)
+  sharding = input_pipeline.current_sharding(batch_size, config.image_size)
+  p_eval_step = stage1.make_eval_step(model, config.num_embeddings)
+  result, (originals, reconstructions) = stage1.evaluate_split(
+      p_eval_step, parallel.replicate(variables), source, sharding)
+  result = {'split': split, 'stage': 'vqvae', **result}
+  if parallel.is_main_process():
+    images.save_png(stage1.comparison_grid(originals, reconstructions),
+                    checkpoints.path(workdir, 'images', f'eval_{split}.png'))
+    with open(checkpoints.path(workdir, f'eval_{split}.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int) -> dict:
+  loaded = sampling.load(workdir)
+  stage1_model, stage1_variables, stage1_config, config = (loaded.stage1_model, loaded.stage1_variables,
+                                                           loaded.stage1_config, loaded.config)
+  builder = tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir)
+  source, train_source = builder.as_data_source(split), builder.as_data_source('train')
+  real = input_pipeline.load_images(source, stage1_config.image_size)
+  samples, sample_codes = sampling.generate(loaded.sample, loaded.g_variables, stage1_variables, len(real),
+                                               config.latent_dim, seed, batch_size)
+  real_codes = stage1.encode_split(stage1_model, stage1_variables, source, stage1_config.image_size)
+  train_codes = stage1.encode_split(stage1_model, stage1_variables, train_source, stage1_config.image_size)
+  reconstruct = jax.jit(lambda v, x: jnp.clip(stage1_model.apply(v, x)[0], 0, 1))
+  reconstructions = np.concatenate([np.asarray(reconstruct(stage1_variables, real[b:b + batch_size]))
+                                    for b in range(0, len(real), batch_size)])
+  train_small = input_pipeline.load_images(train_source, min(64, stage1_config.image_size))
+  k = stage1_config.num_embeddings
+  histogram = lambda codes: jnp.bincount(jnp.asarray(codes).reshape(-1), length=k)
+  real_histogram = histogram(real_codes)
+
+  def scores(images_, codes):
+    return {'swd': metrics.swd(images_, real)['mean'], 'ms_ssim': metrics.ms_ssim_diversity(images_),
+            'code_kl': float(metrics.code_histogram_kl(real_histogram, histogram(codes))),
+            'nn_ssim': float(metrics.nearest_neighbour_ssim(images_, train_small).mean())}
+  result = {'split': split, 'stage': 'gan', 'images': len(real), 'seed': seed,
+            'samples': scores(samples, sample_codes),
+            # Reference point: stage-1 reconstructions of the split (their code_kl is the train/split gap).
+            'reconstructions': {**scores(reconstructions, real_codes),
+                                'code_kl': float(metrics.code_histogram_kl(real_histogram, histogram(train_codes)))},
+            'real': {'swd_self': metrics.swd(real, real, seed=1)['mean'], 'ms_ssim': metrics.ms_ssim_diversity(real),
+                     'nn_ssim': float(metrics.nearest_neighbour_ssim(real, train_small).mean())}}
+  if parallel.is_main_process():
+    count = min(8, len(real))
+    picture = np.concatenate([real[:count], reconstructions[:count], samples[:count]])
+    images.save_png(images.grid(picture, columns=count), checkpoints.path(workdir, 'images', f'eval_{split}.png'))
+    with open(checkpoints.path(workdir, f'eval_{split}.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  return result

@@ -1,0 +1,32 @@
+"""CPU forms of the models' operations: convolutions as Winograd / im2col / taps GEMMs (with native XLA:CPU tile
+kernels) and a vectorised exact arg-min. Same parameters and results as the plain forms, faster on XLA:CPU.
+
+`layers(conv_impl)` is the one place that picks them: on XLA:CPU it returns these forms, on GPU/TPU the plain ones
+(`flax.linen.Conv`, `jnp.argmin`) without importing the native-kernel builder."""
+import functools
+
+from oasis_jax.errors import UserError
+
+CONV_IMPLS = ('xla', 'im2col', 'winograd', 'taps', 'auto')
+
+
+def check_conv_impl(impl: str) -> None:
+  """One-line error for an unknown config.conv_impl (both stages' configs have the field)."""
+  if impl not in CONV_IMPLS:
+    raise UserError(f'config.conv_impl={impl!r}: expected one of {", ".join(CONV_IMPLS)}')
+
+
+def layers(conv_impl: str = 'xla') -> dict:
+  """The models' injected layers, {'conv': a flax.linen.Conv-like module class, 'argmin': last-axis arg-min}.
+
+  On XLA:CPU: `convolution.Conv` in the form `conv_impl` names (one of CONV_IMPLS; 'auto' picks per layer) and the
+  vectorised `reductions.argmin`. Elsewhere: `flax.linen.Conv` and `jnp.argmin` (GPU/TPU libraries choose their own
+  convolution algorithms). The parameters are the same either way, so a checkpoint loads into both."""
+  import jax
+  if jax.default_backend() != 'cpu':
+    import flax.linen as nn
+    from oasis_jax.models.vqvae import argmin_last
+    return {'conv': nn.Conv, 'argmin': argmin_last}
+  from oasis_jax.ops import convolution, reductions
+  check_conv_impl(conv_impl)
+  return {'conv': functools.partial(convolution.Conv, impl=conv_impl), 'argmin': reductions.argmin}

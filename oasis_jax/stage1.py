@@ -1,0 +1,85 @@
+"""A trained stage 1 as a function of slices: `load` it from a workdir, `encode_split` a split to code maps, and
+score its reconstructions (`make_eval_step`, `evaluate_split`). Stage-1 training, stage-2 training and evaluation
+all use these; nothing here imports a trainer."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oasis_jax import checkpoints, images, metrics, ops, parallel
+from oasis_jax.data import input_pipeline
+from oasis_jax.errors import UserError
+from oasis_jax.models import vqvae
+
+
+def model_from_config(config) -> vqvae.VQVAE:
+  """The stage-1 model of a config, with the convolution and arg-min forms `ops.layers` picks for this backend."""
+  return vqvae.model_from_config(config, **ops.layers(config.get('conv_impl', 'xla')))
+
+
+def load(workdir: str):
+  """(model, variables {'params', 'vq'}, config) of a stage-1 run: its best checkpoint, else its latest."""
+  if not os.path.isdir(checkpoints.path(workdir)):
+    raise UserError(f'{workdir}: stage-1 workdir does not exist (config.vqvae_workdir)')
+  stage, config = checkpoints.read_config(workdir)
+  if stage != checkpoints.STAGE1:
+    raise UserError(f'{workdir}: holds a {stage} run, expected a stage-1 ({checkpoints.STAGE1}) workdir')
+  state, _ = checkpoints.restore_raw(checkpoints.best_or_latest(workdir), 'stage-1')
+  return model_from_config(config), {'params': state['params'], vqvae.VQ: state[vqvae.VQ]}, config
+
+
+def encode_split(model: vqvae.VQVAE, variables, source, image_size: int, batch_size: int = 32) -> np.ndarray:
+  """The code maps [N, s, s] int32 of every slice of a split, in order (the encoder + nearest codebook vector)."""
+  sharding = input_pipeline.current_sharding(batch_size * jax.local_device_count(), image_size)
+  sharding = input_pipeline.Sharding(sharding.global_batch, 1, 0, sharding.local_devices, image_size)
+  encode = jax.pmap(lambda v, x: model.apply(v, x, method=vqvae.VQVAE.encode_to_codes))
+  p_variables = parallel.replicate(variables)
+  maps = []
+  for batch, mask in input_pipeline.eval_batches(source, sharding):
+    codes = np.asarray(encode(p_variables, batch))
+    maps.append(codes[mask])
+  return np.concatenate(maps)
+
+
+def make_eval_step(model: vqvae.VQVAE, num_embeddings: int):
+  """pmapped: sums of per-image SSIM/PSNR over the real (mask) rows and their code counts, summed over all devices
+  of all processes (so every process gets the global figures), and this device's reconstructions."""
+
+  def step(variables, batch, mask):
+    reconstruction, _, _, codes = model.apply(variables, batch)
+    real = mask.astype(jnp.float32)
+    weights = real[:, None, None] * jnp.ones(codes.shape, jnp.float32)
+    counts = jax.nn.one_hot(codes, num_embeddings).reshape(-1, num_embeddings).T @ weights.reshape(-1)
+    sums = {'ssim': jnp.sum(metrics.ssim(reconstruction, batch) * real),
+            'psnr': jnp.sum(metrics.psnr(reconstruction, batch) * real), 'images': jnp.sum(real), 'counts': counts}
+    return jax.lax.psum(sums, parallel.AXIS), jnp.clip(reconstruction, 0, 1)
+  return jax.pmap(step, axis_name=parallel.AXIS)
+
+
+def evaluate_split(p_eval_step, p_variables, source, sharding, max_images: int = -1):
+  """SSIM, PSNR, perplexity and codes used over a split; plus the first batch's images and reconstructions.
+
+  Args: p_eval_step from make_eval_step; p_variables replicated over local devices; a split's data source;
+  the input_pipeline.Sharding of its batches; max_images > 0 stops after the batch that reaches it.
+  Returns: ({'ssim', 'psnr', 'perplexity', 'codes_used', 'images'}, (originals, reconstructions))."""
+  totals, first = None, None
+  for batch, mask in input_pipeline.eval_batches(source, sharding):
+    sums, reconstruction = jax.device_get(p_eval_step(p_variables, batch, mask))
+    sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    if first is None:
+      first = (batch[mask], reconstruction[mask])
+    if 0 < max_images <= totals['images']:
+      break
+  counts = totals['counts']
+  result = {'ssim': float(totals['ssim'] / totals['images']), 'psnr': float(totals['psnr'] / totals['images']),
+            'perplexity': float(vqvae.perplexity(jnp.asarray(counts))), 'codes_used': int((counts > 0).sum()),
+            'images': int(totals['images'])}
+  return result, first
+
+
+def comparison_grid(originals, reconstructions, count: int = 8):
+  """Rows of originals over their reconstructions."""
+  count = min(count, len(originals))
+  return images.grid(np.concatenate([originals[:count], reconstructions[:count]]), columns=count)

@@ -1,0 +1,1 @@
+"""Training: one loop skeleton (resume, cadence, checkpoints) and the two stages' pmapped steps."""

@@ -1,0 +1,108 @@
+"""The training loop both stages share: resume from the latest checkpoint, run pmapped calls of train steps, log,
+evaluate and checkpoint on a cadence, stop on a non-finite metric, and close the checkpoint store and logs however
+the run ends.
+
+A stage supplies its initial state, a checkpointable data iterator, `run_steps` (one compiled call over a range of
+steps) and `evaluate`; `train` does the rest.
+"""
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from oasis_jax import checkpoints, images, parallel
+from oasis_jax.errors import UserError
+from oasis_jax.training import progress
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """Every how many steps the loop logs, evaluates and checkpoints; how many steps one compiled call may run."""
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  steps_per_call: int = 1
+
+  def steps_in_call(self, first: int, total_steps: int) -> int:
+    """How many steps the call starting at step `first` runs: up to steps_per_call, ending at the first step that
+    logs, evaluates, checkpoints or ends the run (so a killed run resumes at a call boundary of the uninterrupted
+    one)."""
+    for count in range(1, self.steps_per_call):
+      last = first + count - 1
+      if last == total_steps or any(last % every == 0
+                                    for every in (self.log_every, self.eval_every, self.checkpoint_every)):
+        return count
+    return min(self.steps_per_call, total_steps - first + 1)
+
+
+class Evaluation(NamedTuple):
+  """What a stage's `evaluate(step, p_state)` returns."""
+  metrics: dict            # logged with the prefix 'validate'
+  best: dict               # offered to WORKDIR/best/ ({best_metric: value}, higher is better)
+  picture: np.ndarray      # a uint8 image grid, for TensorBoard and WORKDIR/images/
+  picture_tag: str         # its TensorBoard tag
+  picture_file: str        # its file name under WORKDIR/images/
+
+
+def train(name: str, workdir: str, state: Any, iterator, total_steps: int, cadence: Cadence, best_metric: str,
+          run_steps: Callable, evaluate: Callable[[int, Any], Evaluation], describe: str = '') -> tuple[dict, dict]:
+  """Trains from `state` (or the latest checkpoint in workdir) to `total_steps`.
+
+  Args:
+    name: the stage's name, prefixed to every printed line.
+    state: the initial host state; its structure is the target a checkpoint restores into.
+    iterator: a checkpointable data iterator (get_state / set_state), saved with every checkpoint.
+    run_steps: (replicated state, first step, last step) -> (replicated state, metrics of those steps).
+    evaluate: (step, replicated state) -> Evaluation.
+    describe: a line printed once the state is restored.
+  Returns: (the last train-metrics summary, the last evaluation's metrics).
+  """
+  store = checkpoints.Checkpoints(workdir, best_metric=best_metric)
+  log = None
+  try:
+    restored = store.restore_latest(jax.device_get(state))
+    if restored is not None:
+      state, data_state = restored
+      iterator.set_state(data_state)
+      print(f'[{name}] resuming {workdir} from step {_step(state)}', flush=True)
+    step = _step(state)
+    p_state = parallel.replicate(state)
+    log = progress.Progress(workdir, total_steps, step, name)
+    if describe:
+      print(f'[{name}] {describe}', flush=True)
+    history = progress.History()
+    summary, validation = {}, {}
+    while step < total_steps:
+      first, step = step + 1, step + cadence.steps_in_call(step + 1, total_steps)
+      p_state, step_metrics = run_steps(p_state, first, step)
+      history.append(step_metrics)
+      do_eval = step % cadence.eval_every == 0 or step == total_steps
+      do_save = step % cadence.checkpoint_every == 0 or do_eval
+      if step % cadence.log_every == 0 or do_save:
+        summary = history.summary()
+        bad = [key for key, value in summary.items() if not np.isfinite(value)]
+        if bad:   # stop before the state that produced it can be checkpointed
+          raise UserError(f'non-finite {", ".join(bad)} at step {step}: stopped; the last good checkpoint '
+                          f'(step {store.latest_step()}) is kept. Try a lower config.learning_rate')
+        log.report(step, summary)
+      evaluation = None
+      if do_eval:
+        evaluation = evaluate(step, p_state)
+        validation = evaluation.metrics
+        log.report(step, validation, prefix='validate')
+        log.image(step, evaluation.picture_tag, evaluation.picture)
+        if parallel.is_main_process():
+          images.save_png(evaluation.picture, checkpoints.path(workdir, 'images', evaluation.picture_file))
+      if do_save:
+        store.save(step, parallel.unreplicate(p_state), iterator.get_state(), evaluation and evaluation.best)
+    return summary, validation
+  finally:
+    store.close()
+    if log is not None:
+      log.close()
+
+
+def _step(state) -> int:
+  """The step of a train state, or of the first of a tuple of them (stage 2's generator and discriminator)."""
+  return int((state[0] if isinstance(state, tuple) else state).step)

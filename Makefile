@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv from the pinned requirements first.
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv first: the package, editable,
+# with its pinned requirements (requirements.txt) and the test runner (pyproject.toml's dev extra).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,9 +11,9 @@ TEST_XLA_FLAGS := --xla_force_host_platform_device_count=2
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
 test: venv
@@ -34,16 +35,16 @@ docs:
 	  images.thumbnail('$(DEMO_DIR)/gan/images/eval_test.png', 'docs/demo_eval_gan.png', 1024)"
 
 bench: venv
-	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
-	$(PY) bench/data_pipeline.py
-	$(PY) bench/train_step.py
-	$(PY) bench/first_calls.py
-	$(PY) bench/train_gan_step.py
-	$(PY) bench/argmin.py
-	$(PY) bench/sample.py
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+	$(PY) -m bench.data_pipeline
+	$(PY) -m bench.train_step
+	$(PY) -m bench.first_calls
+	$(PY) -m bench.train_gan_step
+	$(PY) -m bench.argmin
+	$(PY) -m bench.sample
 
 soak: venv
-	$(PY) bench/soak_resume.py --kills=20
+	$(PY) -m bench.soak_resume --kills=20
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

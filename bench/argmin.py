@@ -1,6 +1,6 @@
 """jnp.argmin against oasis_jax.ops.reductions' exact two-reduction form, at the seed VQ-VAE's sizes.
 
-    python bench/argmin.py [--rounds=7]
+    python -m bench.argmin [--rounds=7]
 
 Rows: the seed VQ-VAE's codebook distances (batch 32 x 64x64 codes, K=512), alone and with the distance GEMM in
 the same jitted function (vqvae.nearest_codes). Prints median milliseconds of each form, alternating, the
@@ -10,17 +10,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from oasis_jax.ops import reductions  # noqa: E402
-from oasis_jax.models.vqvae import nearest_codes, squared_distances  # noqa: E402
+from oasis_jax.models.vqvae import nearest_codes, squared_distances
+from oasis_jax.ops import reductions
 
 
 def main():
@@ -34,8 +31,8 @@ def main():
       'VQ distances [131072, 512], argmin': ((squared_distances(vectors, codebook),),
                                              lambda d: jnp.argmin(d, axis=-1), reductions.argmin),
       'nearest_codes (with the distance GEMM)': ((vectors, codebook),
-                                                 lambda v, c: jnp.argmin(squared_distances(v, c), axis=-1),
-                                                 nearest_codes),
+                                                 nearest_codes,
+                                                 lambda v, c: nearest_codes(v, c, reductions.argmin)),
   }
   print(f'{"case":40} {"jnp ms":>8} {"ours ms":>8} {"speed-up":>8}')
   rows = {}

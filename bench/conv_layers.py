@@ -2,7 +2,7 @@
 one GEMM to every tap's output + a shift-and-add (taps), forward + backward, jitted. `winograd` uses the native
 tile-transform kernels (oasis_jax/winograd_cpu.py) where they apply; `winograd+xla_transforms` is the same without.
 
-    python bench/conv_layers.py [--recipe=seed|demo] [--batch=N] [--rounds=5]
+    python -m bench.conv_layers [--recipe=seed|demo] [--batch=N] [--rounds=5]
                                 [--impls=xla,im2col,winograd,winograd+xla_transforms,taps]
 
 The layers are those of the seed's stage-1 model at 256x256 (batch 32), or of the demo recipe (batch 8). For each: median seconds of a jitted
@@ -14,16 +14,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from oasis_jax.ops import convolution  # noqa: E402
-from train_step import conv_variant  # noqa: E402
+from bench.train_step import conv_variant
+from oasis_jax.ops import convolution
 
 # (name, input size, in channels, out channels, kernel, stride)
 SEED_LAYERS = [

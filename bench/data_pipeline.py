@@ -1,17 +1,14 @@
 """Input pipeline throughput: slices/s delivered by the grain training iterator from a prepared dataset.
 
-Usage: python bench/data_pipeline.py [--dataset=demo|oasis_png] [--data_dir=PATH] [--batch=32] [--batches=40]
+Usage: python -m bench.data_pipeline [--dataset=demo|oasis_png] [--data_dir=PATH] [--batch=32] [--batches=40]
 Prints one row per run and a final summary line with the median over runs.
 """
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from oasis_jax.data import input_pipeline, tfds_oasis  # noqa: E402
+from oasis_jax.data import input_pipeline, tfds_oasis
 
 
 def main():

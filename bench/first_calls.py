@@ -1,6 +1,6 @@
 """Start-up of a stage-1 run: wall time of the first train-step calls in a fresh process, as train_vqvae.py makes them.
 
-    python bench/first_calls.py [--config=default] [--runs=3]
+    python -m bench.first_calls [--config=default] [--runs=3]
 
 Each run is a fresh subprocess that builds the state, replicates it with parallel.replicate and makes three calls
 of the pmapped vqvae_trainer.train_steps (config.steps_per_call steps each, the seed recipe by default: 256x256,
@@ -22,14 +22,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def child(config_name: str) -> None:
-  sys.path.insert(0, REPO)
   import jax
   import jax.numpy as jnp
   import numpy as np
   from configs import vqvae as vqvae_configs
   from oasis_jax import cli, parallel
   from oasis_jax.training import vqvae_trainer
-  import train_step   # bench/train_step.py: the step pmapped as train_vqvae.py pmaps it
+  from bench import train_step   # bench/train_step.py: the step pmapped as train_vqvae.py pmaps it
   cli.enable_compilation_cache()
   config = vqvae_configs.get_config(config_name)
   per_call = config.steps_per_call
@@ -49,7 +48,7 @@ def child(config_name: str) -> None:
 
 
 def timed(config_name: str, cache: str) -> list:
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), f'--child={config_name}'], cwd=REPO, check=True,
+  out = subprocess.run([sys.executable, '-m', 'bench.first_calls', f'--child={config_name}'], cwd=REPO, check=True,
                        env={**os.environ, 'OASIS_JAX_CACHE': cache}, capture_output=True, text=True).stdout
   return json.loads(out.strip().splitlines()[-1])['calls_s']
 

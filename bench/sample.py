@@ -1,6 +1,6 @@
 """Cold-start wall time of `python sample.py --num=64`, without and with JAX's persistent compilation cache.
 
-    python bench/sample.py [--workdir=runs/demo/gan] [--runs=5]
+    python -m bench.sample [--workdir=runs/demo/gan] [--runs=5]
 
 Each run is a fresh subprocess. 'no cache': OASIS_JAX_CACHE points at a new empty directory every run, so every
 XLA compilation happens; 'cache': one shared directory, filled by a first run that is not counted. Prints the

@@ -1,14 +1,14 @@
 """Kill-anywhere resume soak: SIGKILL the training CLIs at random moments, restart them on the same workdir, and
 check that nothing is lost.
 
-    python bench/soak_resume.py --kills=20 [--stage=vqvae|gan|both] [--steps=200] [--seed=0]
+    python -m bench.soak_resume --kills=20 [--stage=vqvae|gan|both] [--steps=200] [--seed=0]
 
 For each stage: an uninterrupted reference run, then the same run killed `--kills` times (a random moment after it
 starts training, often inside an orbax save) and restarted each time until it finishes. Checked after every restart:
 it resumes from the newest *complete* checkpoint on disk at the moment of the kill (never a partial one). Checked at
 the end: the final checkpoint equals the reference bit for bit, and so does every step's training loss in
 WORKDIR/metrics.jsonl. Prints a table and a final JSON line; exit 1 on any mismatch. tests/test_reliability.py runs
-it with a few kills; the closing note of issue 7 quotes a 20-kill run.
+it with a few kills; `make soak` with 20.
 """
 import argparse
 import json
@@ -22,7 +22,6 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def complete_steps(workdir):

@@ -1,6 +1,6 @@
 """Stage-2 G+D train step: oasis_jax vs a PyTorch peer of the same models, and against this machine's GEMM peak.
 
-    python bench/train_gan_step.py [--sizes=seed,demo] [--rounds=5] [--conv_impls=xla,auto,auto+xla_transforms]
+    python -m bench.train_gan_step [--sizes=seed,demo] [--rounds=5] [--conv_impls=xla,auto,auto+xla_transforms]
 
 seed: the `default` GAN recipe over the `default` stage 1 (64x64 code maps, K=512, D=64, batch 64, widths 64);
 demo: the `demo` recipes (32x32 codes, K=64, D=16, batch 32, widths 32). Both with the logits head, minibatch std
@@ -12,20 +12,15 @@ import argparse
 import functools
 import json
 import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import gan as gan_configs  # noqa: E402
-from configs import vqvae as vqvae_configs  # noqa: E402
-from oasis_jax import parallel
-from oasis_jax.training import gan_trainer  # noqa: E402
-from train_step import alternating_medians, conv_variant, machine_header, xla_flops  # noqa: E402
+from bench.train_step import alternating_medians, conv_variant, machine_header, xla_flops
+from configs import gan as gan_configs
+from configs import vqvae as vqvae_configs
+from oasis_jax import parallel, sampling
+from oasis_jax.training import gan_trainer
 
 
 def pmapped_step(config, stage1):
@@ -60,7 +55,7 @@ def jax_runner(config, stage1, real_codes, codebook):
 
 def torch_runner(config, stage1, real_codes, codebook, compiled):
   import torch
-  import torch_dcgan
+  from bench import torch_dcgan
   torch.manual_seed(0)
   size = sampling.code_size(stage1)
   generator = torch_dcgan.Generator(size, stage1.num_embeddings, config.generator_width, config.latent_dim)

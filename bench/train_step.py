@@ -1,6 +1,6 @@
 """Stage-1 train step: oasis_jax vs a PyTorch peer of the same architecture, and against this machine's GEMM peak.
 
-    python bench/train_step.py [--sizes=seed,demo] [--rounds=5]
+    python -m bench.train_step [--sizes=seed,demo] [--rounds=5]
 
 For each size (seed: the `default` recipe, 256x256 slices at batch 32, 64x64 codes, K=512; demo: the `demo`
 recipe) it times oasis_jax's real pmapped train step (1 device, fp32, donated state) and the PyTorch peer
@@ -17,21 +17,16 @@ import functools
 import json
 import os
 import statistics
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import vqvae as vqvae_configs  # noqa: E402
+from configs import vqvae as vqvae_configs
 from oasis_jax import parallel
 from oasis_jax.ops import winograd_cpu
-from oasis_jax.training import vqvae_trainer  # noqa: E402
+from oasis_jax.training import vqvae_trainer
 
 
 def gemm_peak(n=2048, repeats=5):
@@ -127,7 +122,7 @@ def jax_runner(config, batch, steps: int):
 
 def torch_runner(config, batch, kind, compiled, steps: int):
   import torch
-  import torch_vqvae
+  from bench import torch_vqvae
   torch.manual_seed(0)
   cfg = config.copy_and_resolve_references()
   cfg.upsample = kind

@@ -18,15 +18,14 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.discriminator_width = 64
   config.upsample = 'subpixel'   # generator upsampling: 'subpixel' or 'transpose' (the DCGAN paper's)
   config.conv_impl = 'auto'      # as configs/vqvae.py: 'xla', 'im2col', 'winograd', 'taps' or 'auto'
-  # How the generator respects discrete codes (README, "Stage 2 designs"):
+  # How the generator respects discrete codes (README, "Stage 2 design"):
   #   'logits': K logits per position, straight-through Gumbel-softmax to one-hot codes (design a);
   #   'latent': a D-dim latent per position, nearest codebook vector, straight-through (design b).
   config.head = 'logits'
   config.gumbel_temperature = 1.0
   config.latent_commitment = 0.25  # head 'latent': weight of ||latent - its codebook vector||^2
-  # Stabilisers (0 = off). Measured on the demo (README, "Stage 2 designs"): without the minibatch-std feature and R1
-  # the generator collapses to one slice (samples' MS-SSIM 0.90 vs 0.52 for real slices); with both it covers the
-  # brain's levels (0.53).
+  # Stabilisers (0 = off). Without the minibatch-std feature and R1 the generator collapses to one slice (README,
+  # "Stage 2 design").
   config.loss = 'nonsaturating'  # or 'hinge'
   config.r1_gamma = 1.0          # R1 gradient penalty on real code maps
   config.minibatch_std_group = 4 # minibatch standard-deviation feature in the discriminator (group size)
@@ -47,12 +46,12 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
 
   if variant == 'demo':
     config.vqvae_workdir = 'runs/demo/vqvae'
-    config.conv_impl = 'xla'       # its 32-wide layers ran faster with XLA's op (bench/train_gan_step.py)
+    config.conv_impl = 'xla'       # 32-wide layers (docs/performance.md compares the forms at these sizes)
     config.generator_width = 32
     config.discriminator_width = 32
     config.batch_size = 32
     config.learning_rate = 5e-4
-    config.num_train_steps = 1000  # ~3 steps/s on a 2-core CPU; validation SWD 88 at 600 steps, 79 at 1000
+    config.num_train_steps = 1000
     config.log_every_steps = 50
     config.sample_every_steps = 200
     config.checkpoint_every_steps = 200

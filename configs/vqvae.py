@@ -1,7 +1,7 @@
 """Stage-1 (VQ-VAE) recipes: `--config=configs/vqvae.py[:default|:demo|:tiny]`, fields overridable as --config.X=...
 
-default: the seed's recipe for OASIS on an accelerator (Adam 1e-3, batch 32, 4 epochs, K=512, D=64, 64x64 codes).
-demo:    what `make demo` runs on a 2-core CPU in about 5 minutes (narrower, K=64, 256x256 slices -> 32x32 codes).
+default: the original PyTorch project's recipe for OASIS, for an accelerator (Adam 1e-3, batch 32, 4 epochs, K=512, D=64, 64x64 codes).
+demo:    what `make demo` runs on a 2-core CPU (narrower, K=64, 256x256 slices -> 32x32 codes).
 tiny:    seconds, for tests (64x64 images, few channels).
 """
 import ml_collections
@@ -21,12 +21,12 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.embedding_dim = 64
   config.num_embeddings = 512
   config.num_downsamples = 2
-  config.upsample = 'subpixel'   # or 'transpose' (the seed's stride-2 transposed convs)
+  config.upsample = 'subpixel'   # or 'transpose' (stride-2 transposed convs, as the original PyTorch project)
   config.dtype = 'float32'       # or 'bfloat16' compute (params and quantiser stay float32)
   # How convolutions are computed (same parameters, same results up to float rounding): 'xla' (XLA's convolution
   # op), 'im2col' (one GEMM per layer), 'winograd' (F(4x4, 3x3) where it applies), 'taps' (3x3 layers as one GEMM
-  # to every tap + a shift-and-add) or 'auto' (per layer, the faster on XLA:CPU by bench/conv_layers.py; see README,
-  # Performance). On GPU/TPU 'xla' is the natural choice.
+  # to every tap + a shift-and-add) or 'auto' (per layer, the faster on XLA:CPU by bench/conv_layers.py; see
+  # docs/performance.md). On GPU/TPU 'xla' is the natural choice.
   config.conv_impl = 'auto'
   # Quantiser (Sonnet VectorQuantizerEMA).
   config.commitment_cost = 0.25
@@ -37,13 +37,12 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.seed = 0
   config.batch_size = 32
   config.learning_rate = 1e-3
-  config.lr_schedule = 'constant'  # or 'cosine': warm-up, then decay to 1 % (README, Results)
+  config.lr_schedule = 'constant'  # or 'cosine': linear warm-up, then cosine decay to 1 %
   config.num_epochs = 4
   config.num_train_steps = -1    # > 0 overrides num_epochs
   # Train steps per compiled call (unrolled; a call ends early at a step that logs, evaluates or saves): XLA:CPU
-  # page-faults a call's temporary buffers afresh each time, so steps sharing a call run faster (seed recipe on a
-  # 2-core CPU: 5.19 -> 4.23 s/step with 4; 2.55 -> 2.42 s/step with 10 instead of 5, first call 19 -> 36 s;
-  # README, Performance) at the cost of a longer first compile.
+  # page-faults a call's temporary buffers afresh each call, so steps sharing a call run faster, at the cost of a
+  # longer first compile.
   config.steps_per_call = 10
   # Bookkeeping.
   config.log_every_steps = 50
@@ -51,14 +50,11 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.max_eval_images = -1    # -1: the whole validation split at each evaluation
   # The checkpoint kept in WORKDIR/best/ (what evaluate, train_gan.py and sample.py load): the highest validation
-  # PSNR. SSIM swings with faint noise in the black background (demo: 0.78 -> 0.43 -> 0.78 at steps 100/200/300
-  # while PSNR rose 23.9 -> 25.4 -> 27.1), so PSNR is the steadier choice; 'ssim' is allowed.
+  # PSNR. SSIM swings with faint noise in the black background while PSNR rises steadily; 'ssim' is allowed.
   config.best_metric = 'psnr'
 
-  if variant == 'demo':          # ~3 steps/s on a 2-core CPU: 32x32 code maps, narrow layers, batch 8
-    # XLA's convolutions: this recipe's 32/64-wide layers gain less from Winograd (conv_impl=auto runs the step
-    # 1.27x faster, bench/train_step.py) than the extra compile time costs a ~5-minute demo.
-    config.conv_impl = 'xla'
+  if variant == 'demo':          # for a 2-core CPU: 32x32 code maps, narrow layers, batch 8
+    config.conv_impl = 'xla'       # its 32/64-wide layers gain less from Winograd than the compile time costs
     config.steps_per_call = 5      # a shorter first compile for a 300-step run
     config.num_downsamples = 3
     config.num_hiddens = 64

@@ -11,8 +11,7 @@ def replicate(tree):
 
   Placed by an identity pmap rather than handed over as host arrays: pmap keys its compiled programs on how the
   arguments are placed, so a train state given as numpy made the second call (whose state is the first call's
-  output) trace, lower and compile the whole step again (the seed's stage-1 step: ~50 s more on a 2-core CPU
-  without the compilation cache)."""
+  output) trace, lower and compile the whole step again."""
   count = jax.local_device_count()
   stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count,) + np.shape(x)), jax.device_get(tree))
   return _identity(stacked)

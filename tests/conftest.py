@@ -28,19 +28,22 @@ def oasis_png_dir(tmp_path_factory):
   return root
 
 
-def run_cli(*args, check=True):
+def _run_cli(*args, check=True):
   result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
   if check and result.returncode != 0:
     raise AssertionError(f'{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}')
   return result
 
 
-def train_losses(stdout):
-  return [float(line.split(' loss ')[1].split()[0]) for line in stdout.splitlines() if ' train: ' in line]
+@pytest.fixture(scope='session')
+def run_cli():
+  """run_cli('train_vqvae.py', '--flag', ..., check=True): runs a real CLI of the project in a fresh Python process
+  from the repository root; returns the CompletedProcess (stdout, stderr, returncode)."""
+  return _run_cli
 
 
 @pytest.fixture(scope='session')
-def tiny_stage1(tmp_path_factory, cache_dir):
+def tiny_stage1(tmp_path_factory, cache_dir, run_cli):
   """A tiny stage-1 run trained in two parts (20 steps, then resumed to 30) and an uninterrupted 30-step run."""
   base = tmp_path_factory.mktemp('stage1')
   common = ['train_vqvae.py', '--config=configs/vqvae.py:tiny', f'--config.cache_dir={cache_dir}']

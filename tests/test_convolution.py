@@ -142,7 +142,7 @@ def test_native_kernels_build_in_a_fresh_cache_and_fall_back_without_a_compiler(
     assert not winograd_cpu.usable((2, 8, 8, 16), 16, jnp.float32)
   # Fresh processes with empty caches: the real compiler builds the library there; a missing one gives one warning
   # and the XLA transforms; the convolution is the same either way.
-  code = ('import jax, numpy as np; from oasis_jax import convolution, winograd_cpu; '
+  code = ('import jax, numpy as np; from oasis_jax.ops import convolution, winograd_cpu; '
           'x = np.ones((1, 8, 8, 16), np.float32); w = np.ones((3, 3, 16, 16), np.float32) / 100; '
           'print(winograd_cpu.usable(x.shape, 16, np.float32), float(convolution.conv(x, w, 1, "winograd").sum()))')
   expected = float(jnp.sum(convolution.conv(jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 16)) / 100, 1, 'xla')))

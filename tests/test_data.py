@@ -48,13 +48,20 @@ def test_png_builder_reads_what_was_written(oasis_png_dir, cache_dir):
     assert set(np.unique(record['segmentation'])) <= {0, 1, 2, 3}
 
 
-def test_prepared_dataset_is_cached_and_refreshed_on_change(oasis_png_dir, tmp_path):
+def test_prepared_dataset_is_cached_and_refreshed_on_change(oasis_png_dir, tmp_path, capfd, caplog):
   root = str(tmp_path / 'oasis')
   shutil.copytree(oasis_png_dir, root)
   cache = str(tmp_path / 'cache')
   first = tfds_oasis.prepare('oasis_png', root, cache)
+  out, err = capfd.readouterr()
+  # Our two lines, not TFDS's download sizes or its "no dataset_info.json" warning for local data.
+  assert len(out.splitlines()) == 2, out
+  assert out.startswith(f'Preparing the oasis_png dataset into {cache}/tfds/oasis_png-')
+  assert out.splitlines()[1] == 'Prepared oasis_png: train 40, validate 18, test 17 slices'
+  assert 'Unknown size' not in out + err and not [r for r in caplog.records if 'Variant folder' in r.getMessage()]
   stamp = os.path.getmtime(first.data_dir)
   again = tfds_oasis.prepare('oasis_png', root, cache)
+  assert capfd.readouterr().out == ''   # prepared once: silent
   assert again.data_dir == first.data_dir and os.path.getmtime(again.data_dir) == stamp
   os.remove(oasis_files.list_png_split(root, 'test')[0][2])
   changed = tfds_oasis.prepare('oasis_png', root, cache)

@@ -11,8 +11,8 @@ from PIL import Image
 
 from configs import gan as gan_configs
 from configs import vqvae as vqvae_configs
-from conftest import run_cli
 from oasis_jax import checkpoints, parallel, sampling, stage1
+from oasis_jax.errors import UserError
 from oasis_jax.models import dcgan, vqvae
 from oasis_jax.training import gan_trainer
 
@@ -99,7 +99,7 @@ def test_two_device_gan_step_equals_one_device_step(overrides):
 
 
 @pytest.fixture(scope='module')
-def tiny_chain(tiny_stage1, tmp_path_factory, cache_dir):
+def tiny_chain(tiny_stage1, tmp_path_factory, cache_dir, run_cli):
   workdir = str(tmp_path_factory.mktemp('gan') / 'run')
   log = run_cli('train_gan.py', '--config=configs/gan.py:tiny', f'--workdir={workdir}',
                 f'--config.vqvae_workdir={tiny_stage1["whole"]}')
@@ -114,7 +114,7 @@ def test_train_gan_logs_and_checkpoints(tiny_chain):
   assert 'validate: swd' in tiny_chain['log'].stdout
 
 
-def test_sample_cli_writes_pngs_deterministically(tiny_chain, tmp_path):
+def test_sample_cli_writes_pngs_deterministically(tiny_chain, tmp_path, run_cli):
   for name, seed in (('a', 5), ('b', 5), ('c', 6)):
     result = run_cli('sample.py', '--num=3', f'--workdir={tiny_chain["gan"]}', f'--outdir={tmp_path / name}',
                      f'--seed={seed}')
@@ -150,7 +150,7 @@ def test_a_sample_does_not_depend_on_the_batch_it_is_drawn_in(tiny_chain):
   assert len({codes.tobytes() for codes in small_codes}) == 5   # different z and noise: different code maps
 
 
-def test_evaluate_gan_prints_generation_metrics(tiny_chain):
+def test_evaluate_gan_prints_generation_metrics(tiny_chain, run_cli):
   result = run_cli('-m', 'oasis_jax.evaluate', '--stage=gan', f'--workdir={tiny_chain["gan"]}', '--split=test')
   line = json.loads(result.stdout.strip().splitlines()[-1])
   assert line['split'] == 'test' and line['stage'] == 'gan' and line['images'] > 0
@@ -164,25 +164,31 @@ def test_evaluate_gan_prints_generation_metrics(tiny_chain):
   assert wrong.returncode == 1 and wrong.stderr.strip().splitlines()[-1].endswith('not a vqvae run (--stage)')
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--num=0'], 'error: --num=0: expected a positive number of samples'),
-    (['--num=-3'], 'error: --num=-3: expected a positive number of samples'),
-    (['--workdir=/nonexistent/gan'], 'error: /nonexistent/gan: stage-2 workdir does not exist'),
-    (['--outdir=/proc/oasis_samples'], 'error: /proc/oasis_samples: cannot write samples there'),
+@pytest.mark.parametrize('num, workdir, outdir, message', [
+    (0, None, None, '--num=0: expected a positive number of samples'),
+    (-3, None, None, '--num=-3: expected a positive number of samples'),
+    (2, '/nonexistent/gan', None, '/nonexistent/gan: stage-2 workdir does not exist'),
+    (2, None, '/proc/oasis_samples', '/proc/oasis_samples: cannot write samples there'),
 ])
-def test_sample_cli_bad_input_is_one_line(tiny_chain, args, message):
-  result = run_cli('sample.py', f'--workdir={tiny_chain["gan"]}', *args, check=False)
-  assert result.returncode == 1 and 'Traceback' not in result.stderr
-  assert result.stderr.strip().splitlines()[-1].startswith(message)
+def test_sample_bad_input_is_one_line(tiny_chain, tmp_path, num, workdir, outdir, message):
+  with pytest.raises(UserError) as info:
+    sampling.write_samples(workdir or tiny_chain['gan'], outdir or str(tmp_path / 'out'), num, seed=0)
+  assert str(info.value).startswith(message) and '\n' not in str(info.value)
 
 
-def test_train_gan_needs_a_stage1_workdir(tmp_path, tiny_chain):
+def test_cli_errors_are_one_line_without_a_traceback(tmp_path, tiny_chain, run_cli):
+  sample = run_cli('sample.py', f'--workdir={tiny_chain["gan"]}', '--num=0', check=False)
+  assert sample.returncode == 1 and 'Traceback' not in sample.stderr
+  assert sample.stderr.strip().splitlines()[-1] == 'error: --num=0: expected a positive number of samples'
   missing = run_cli('train_gan.py', '--config=configs/gan.py:tiny', f'--workdir={tmp_path}/g',
                     '--config.vqvae_workdir=/nonexistent/stage1', check=False)
   assert missing.returncode == 1 and 'Traceback' not in missing.stderr
   assert missing.stderr.strip().splitlines()[-1] == \
       'error: /nonexistent/stage1: stage-1 workdir does not exist (config.vqvae_workdir)'
-  other = run_cli('train_gan.py', '--config=configs/gan.py:tiny', f'--workdir={tmp_path}/g',
-                  f'--config.vqvae_workdir={tiny_chain["gan"]}', check=False)
-  assert other.returncode == 1
-  assert other.stderr.strip().splitlines()[-1].endswith('holds a gan run, expected a stage-1 (vqvae) workdir')
+
+
+def test_train_gan_refuses_a_stage2_workdir_as_its_stage1(tmp_path, tiny_chain):
+  config = gan_configs.get_config('tiny')
+  config.vqvae_workdir = tiny_chain['gan']
+  with pytest.raises(UserError, match='holds a gan run, expected a stage-1 \\(vqvae\\) workdir$'):
+    gan_trainer.train_and_evaluate(config, str(tmp_path / 'g'))

@@ -9,9 +9,10 @@ import sys
 import jax
 import numpy as np
 
-from conftest import REPO, run_cli
 from oasis_jax import checkpoints
 from oasis_jax.training import progress
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port():
@@ -20,7 +21,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path, cache_dir):
+def test_two_processes_match_one_process(tmp_path, cache_dir, run_cli):
   common = ['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--config.num_train_steps=6',
             '--config.eval_every_steps=6', '--config.checkpoint_every_steps=3', '--config.log_every_steps=3',
             f'--config.cache_dir={cache_dir}']

@@ -1,6 +1,7 @@
-"""Reliability: kill-anywhere resume, the NaN guard, the bad-input matrix at the CLIs, no unsafe loading."""
+"""Reliability: kill-anywhere resume, the NaN guard, the bad-input matrix, no unsafe loading."""
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -8,13 +9,19 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from configs import gan as gan_configs
+from configs import vqvae as vqvae_configs
+from oasis_jax import cli, sampling
+from oasis_jax.errors import UserError
+from oasis_jax.training import gan_trainer, vqvae_trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_killed_runs_resume_bit_for_bit(tmp_path, cache_dir):
   """bench/soak_resume.py with 2 SIGKILLs per stage (the bench runs 20): resumes from the newest complete
   checkpoint each time, and the final checkpoint and every step's losses equal an uninterrupted run exactly."""
-  result = subprocess.run([sys.executable, 'bench/soak_resume.py', '--kills=2', '--steps=40', '--seed=1',
+  result = subprocess.run([sys.executable, '-m', 'bench.soak_resume', '--kills=2', '--steps=40', '--seed=1',
                            f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, 'OASIS_JAX_CACHE': cache_dir})
   assert result.returncode == 0, result.stdout + result.stderr
@@ -24,7 +31,7 @@ def test_killed_runs_resume_bit_for_bit(tmp_path, cache_dir):
     assert stage['kills'] == 2 and stage['params_equal'] and stage['losses_equal'] and stage['steps'] == 40
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, run_cli):
   workdir = tmp_path / 'run'
   common = ['train_vqvae.py', '--config=configs/vqvae.py:tiny', f'--workdir={workdir}',
             f'--config.cache_dir={cache_dir}', '--config.log_every_steps=5', '--config.checkpoint_every_steps=5']
@@ -40,7 +47,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cach
 
 
 @pytest.fixture(scope='module')
-def workdirs(tiny_stage1, tmp_path_factory, cache_dir):
+def workdirs(tiny_stage1, tmp_path_factory, cache_dir, run_cli):
   gan = str(tmp_path_factory.mktemp('gan_for_matrix') / 'run')
   run_cli('train_gan.py', '--config=configs/gan.py:tiny', f'--workdir={gan}',
           f'--config.vqvae_workdir={tiny_stage1["whole"]}', '--config.num_train_steps=10')
@@ -60,47 +67,55 @@ def _snapshot(workdir):
   return out
 
 
+def _train_vqvae(workdir, **overrides):
+  config = vqvae_configs.get_config('tiny')
+  config.update(overrides)
+  vqvae_trainer.train_and_evaluate(config, str(workdir))
+
+
+def _train_gan(workdir, vqvae_workdir, **overrides):
+  config = gan_configs.get_config('tiny')
+  config.update(vqvae_workdir=str(vqvae_workdir), **overrides)
+  gan_trainer.train_and_evaluate(config, str(workdir))
+
+
+def _sample(workdir, outdir):
+  sampling.write_samples(str(workdir), str(outdir), 2, seed=0)
+
+
+# (case, what the CLI calls, given (tmp, workdirs), the one-line message). The CLIs turn these UserErrors into
+# `error: MESSAGE` and exit status 1 (tests/test_vqvae.py and test_gan.py check that boundary with real processes).
 MATRIX = [
-    ('unknown config field',
-     ['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--workdir={tmp}/a', '--config.widht=3'],
-     r"error: --config.widht: unknown config field 'widht' \(the config file lists the fields\)"),
-    ('K < 2', ['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--workdir={tmp}/a', '--config.num_embeddings=1'],
-     r'error: config.num_embeddings=1: expected at least 2 codes'),
-    ('negative batch', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={tmp}/a',
-                        '--config.vqvae_workdir={vqvae}', '--config.batch_size=-8'],
-     r'error: config.batch_size=-8: expected a positive number'),
-    ('unknown GAN head', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={tmp}/a',
-                          '--config.vqvae_workdir={vqvae}', '--config.head=pixels'],
-     r"error: config.head='pixels': expected logits \(design a\) or latent \(design b\)"),
-    ('stage-1 workdir missing', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={tmp}/a',
-                                 '--config.vqvae_workdir={tmp}/none'],
-     r'error: \S+/none: stage-1 workdir does not exist \(config.vqvae_workdir\)'),
-    ('stage-1 code maps too small', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={tmp}/a',
-                                     '--config.vqvae_workdir={small}'],
-     r'error: \S+: stage-1 code maps are 4x4; the DCGAN needs a power of two >= 8'),
-    ('stage-1 swapped under a GAN', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={gan}',
-                                     '--config.vqvae_workdir={tmp}/other_stage1'],
-     r'error: config.vqvae_workdir=\S+ differs from \S+ of the run in \S+: use another --workdir to start a new run'),
-    ('stage-1 retrained under a GAN', ['sample.py', '--workdir={tmp}/gan_copy', '--outdir={tmp}/s'],
-     r'error: \S+: stage-1 num_embeddings=16, but this stage-2 run was trained with 32: train stage 2 again in '
+    ('K < 2', lambda tmp, w: _train_vqvae(tmp / 'a', num_embeddings=1),
+     r'config.num_embeddings=1: expected at least 2 codes'),
+    ('negative batch', lambda tmp, w: _train_gan(tmp / 'a', w['vqvae'], batch_size=-8),
+     r'config.batch_size=-8: expected a positive number'),
+    ('unknown GAN head', lambda tmp, w: _train_gan(tmp / 'a', w['vqvae'], head='pixels'),
+     r"config.head='pixels': expected logits \(design a\) or latent \(design b\)"),
+    ('stage-1 workdir missing', lambda tmp, w: _train_gan(tmp / 'a', tmp / 'none'),
+     r'\S+/none: stage-1 workdir does not exist \(config.vqvae_workdir\)'),
+    ('stage-1 code maps too small', lambda tmp, w: _train_gan(tmp / 'a', w['small']),
+     r'\S+: stage-1 code maps are 4x4; the DCGAN needs a power of two >= 8'),
+    ('stage-1 swapped under a GAN', lambda tmp, w: _train_gan(w['gan'], tmp / 'other_stage1'),
+     r'config.vqvae_workdir=\S+ differs from \S+ of the run in \S+: use another --workdir to start a new run'),
+    ('stage-1 retrained under a GAN', lambda tmp, w: _sample(tmp / 'gan_copy', tmp / 's'),
+     r'\S+: stage-1 num_embeddings=16, but this stage-2 run was trained with 32: train stage 2 again in '
      r'another --workdir'),
-    ('stage-2 model changed', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={gan}',
-                               '--config.vqvae_workdir={vqvae}', '--config.generator_width=4'],
-     r'error: config.generator_width=4 differs from 8 of the run in \S+: use another --workdir to start a new run'),
-    ('stage-1 workdir holds stage 2', ['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--workdir={gan}'],
-     r'error: \S+: holds a gan run, not a vqvae run: use another --workdir'),
-    ('stage-2 workdir holds stage 1', ['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={vqvae}',
-                                       '--config.vqvae_workdir={vqvae}'],
-     r'error: \S+: holds a vqvae run, not a gan run: use another --workdir'),
-    ('sample.py on a stage-1 workdir', ['sample.py', '--workdir={vqvae}', '--outdir={tmp}/s'],
-     r'error: \S+: holds a vqvae run, expected a stage-2 \(gan\) workdir'),
-    ('evaluate without a workdir', ['-m', 'oasis_jax.evaluate', '--split=test'],
-     r'error: --workdir is required: the directory for checkpoints, logs and images'),
+    ('stage-2 model changed', lambda tmp, w: _train_gan(w['gan'], w['vqvae'], generator_width=4),
+     r'config.generator_width=4 differs from 8 of the run in \S+: use another --workdir to start a new run'),
+    ('stage-1 workdir holds stage 2', lambda tmp, w: _train_vqvae(w['gan']),
+     r'\S+: holds a gan run, not a vqvae run: use another --workdir'),
+    ('stage-2 workdir holds stage 1', lambda tmp, w: _train_gan(w['vqvae'], w['vqvae']),
+     r'\S+: holds a vqvae run, not a gan run: use another --workdir'),
+    ('sample.py on a stage-1 workdir', lambda tmp, w: _sample(w['vqvae'], tmp / 's'),
+     r'\S+: holds a vqvae run, expected a stage-2 \(gan\) workdir'),
+    ('evaluate without a workdir', lambda tmp, w: cli.check_workdir(None),
+     r'--workdir is required: the directory for checkpoints, logs and images'),
 ]
 
 
-@pytest.mark.parametrize('case, args, message', MATRIX, ids=[case for case, _, _ in MATRIX])
-def test_bad_input_matrix(case, args, message, workdirs, tmp_path):
+@pytest.mark.parametrize('case, call, message', MATRIX, ids=[case for case, _, _ in MATRIX])
+def test_bad_input_matrix(case, call, message, workdirs, tmp_path):
   if case == 'stage-1 swapped under a GAN':
     shutil.copytree(workdirs['vqvae'], tmp_path / 'other_stage1')
   if case == 'stage-1 retrained under a GAN':   # a copy of the GAN whose stage-1 config now says K=16
@@ -117,11 +132,22 @@ def test_bad_input_matrix(case, args, message, workdirs, tmp_path):
     with open(tmp_path / 'stage1_copy' / 'config.json', 'w') as f:
       json.dump(saved, f)
   before = {name: _snapshot(path) for name, path in workdirs.items()}
-  args = [a.format(tmp=tmp_path, **workdirs) for a in args]
-  result = run_cli(*args, check=False)
+  with pytest.raises(UserError) as info:
+    call(tmp_path, {name: pathlib.Path(path) for name, path in workdirs.items()})
+  assert re.fullmatch(message, str(info.value)) and '\n' not in str(info.value), str(info.value)
+  assert {name: _snapshot(path) for name, path in workdirs.items()} == before   # nothing overwritten
+
+
+@pytest.mark.parametrize('args, message', [
+    (['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--workdir={tmp}/a', '--config.widht=3'],
+     r"error: --config.widht: unknown config field 'widht' \(the config file lists the fields\)"),
+    (['-m', 'oasis_jax.evaluate', '--split=test'],
+     r'error: --workdir is required: the directory for checkpoints, logs and images'),
+])
+def test_bad_input_at_the_cli_is_one_line(args, message, tmp_path, run_cli):
+  result = run_cli(*[a.format(tmp=tmp_path) for a in args], check=False)
   assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
   assert re.fullmatch(message, result.stderr.strip().splitlines()[-1]), result.stderr
-  assert {name: _snapshot(path) for name, path in workdirs.items()} == before   # nothing overwritten
 
 
 UNSAFE = [r'\bpickle\b', r'allow_pickle\s*=\s*True', r'(?<![.\w])eval\(', r'(?<![.\w])exec\(', r'torch\.load\(',
@@ -130,11 +156,13 @@ UNSAFE = [r'\bpickle\b', r'allow_pickle\s*=\s*True', r'(?<![.\w])eval\(', r'(?<!
 
 def test_no_unsafe_loading_anywhere():
   """No pickle, np.load(allow_pickle=True), eval/exec of strings, torch.load, yaml.load or marshal in the code."""
+  files = [os.path.join(folder, name) for top in ('oasis_jax', 'configs', 'bench')
+           for folder, _, names in os.walk(os.path.join(REPO, top)) for name in names if name.endswith('.py')]
+  files += [os.path.join(REPO, name) for name in os.listdir(REPO) if name.endswith('.py')]
+  assert len(files) > 40 and any(f.endswith(os.path.join('training', 'loop.py')) for f in files)
   found = []
-  for folder in ('oasis_jax', 'configs', 'bench', '.'):
-    for name in sorted(os.listdir(os.path.join(REPO, folder))):
-      path = os.path.join(REPO, folder, name)
-      if name.endswith('.py') and os.path.isfile(path):
-        for number, line in enumerate(open(path), 1):
-          found += [f'{folder}/{name}:{number}: {line.strip()}' for pattern in UNSAFE if re.search(pattern, line)]
+  for path in sorted(files):
+    for number, line in enumerate(open(path), 1):
+      found += [f'{os.path.relpath(path, REPO)}:{number}: {line.strip()}' for pattern in UNSAFE
+                if re.search(pattern, line)]
   assert not found, '\n'.join(found)

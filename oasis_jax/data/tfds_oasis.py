@@ -9,7 +9,9 @@ Prepared datasets are cached under `CACHE/tfds/<dataset>-<fingerprint>/`, where 
 `$OASIS_JAX_CACHE`, else `~/.cache/oasis_jax`, and the fingerprint hashes the source directory's path and the names,
 sizes and times of its files: a changed download is prepared anew, an unchanged one is re-used.
 """
+import contextlib
 import hashlib
+import logging
 import os
 
 import numpy as np
@@ -45,6 +47,14 @@ class OasisSlices(tfds.core.GeneratorBasedBuilder):
   keras_png_slices_{train,validate,test}/ (and optionally keras_png_slices_seg_*/); for `oasis_volumes` a directory
   with the OASIS-1 disc folders (OAS1_XXXX_MR1/... .hdr/.img).
   """
+
+  # TFDS prints download sizes ("Unknown size") and a "downloaded and prepared" line; nothing is downloaded here,
+  # and prepare() prints its own line instead.
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=FEATURES, homepage='https://www.oasis-brains.org/',
@@ -101,12 +111,31 @@ def prepare(dataset: str, data_dir: str = '', cache_dir: str = '') -> OasisSlice
     raise UserError(f'config.dataset={dataset!r}: expected one of {", ".join(DATASETS)}')
   fingerprint = _check_source(dataset, data_dir)
   tfds_dir = os.path.join(cache_dir or default_cache_dir(), 'tfds', f'{dataset}-{fingerprint}')
-  builder = OasisSlices(config=dataset, data_dir=tfds_dir, file_format='array_record')
-  if not builder.is_prepared():
-    print(f'Preparing the {dataset} dataset into {tfds_dir} (once; later runs re-use it) ...', flush=True)
-    tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=data_dir or None))
-    counts = ', '.join(f'{split} {builder.info.splits[split].num_examples}' for split in SPLITS)
-    print(f'Prepared {dataset}: {counts} slices', flush=True)
+  with _without_variant_warnings():
+    builder = OasisSlices(config=dataset, data_dir=tfds_dir, file_format='array_record')
+    if not builder.is_prepared():
+      print(f'Preparing the {dataset} dataset into {tfds_dir} (once; later runs re-use it) ...', flush=True)
+      tfds.disable_progress_bar()
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=data_dir or None))
+      counts = ', '.join(f'{split} {builder.info.splits[split].num_examples}' for split in SPLITS)
+      print(f'Prepared {dataset}: {counts} slices', flush=True)
   return builder
+
+
+class _VariantWarnings(logging.Filter):
+  """Drops TFDS's "Variant folder ... has no dataset_info.json" warning, which it logs for a dataset not prepared
+  yet: the normal case on a first run, announced by prepare() itself."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith('Variant folder')
+
+
+@contextlib.contextmanager
+def _without_variant_warnings():
+  quiet, absl_logger = _VariantWarnings(), logging.getLogger('absl')
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)

@@ -17,7 +17,7 @@ it (bench/conv_layers.py measures the forms layer by layer).
 - taps, for layers with few outputs (the 64->4 sub-pixel layer that ends the decoder): one GEMM [N*H*W, C] x
   [C, k*k*O] gives every tap's contribution at every pixel, and k*k shifted slices of it are summed; the gradients
   are two GEMMs and the transposed shifts. XLA's op computed this layer's kernel gradient through a full transposed
-  copy of the input (bench/conv_layers.py: 64->4 at 128x128, batch 32, forward + backward 0.29 -> 0.13 s).
+  copy of the input.
 `Conv` is a drop-in for `flax.linen.Conv` with SAME padding (same parameter names and shapes, so checkpoints do not
 depend on the form).
 """
@@ -39,12 +39,10 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def pick(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, shape=None) -> str:
-  """The faster form on XLA:CPU by bench/conv_layers.py (2-core CPU, forward + backward; README, Performance):
-  Winograd wins 1.5-4.5x over XLA's op on every layer with both sides >= 16 channels that it covers (seed: 3x3
-  128->256 3.69 -> 0.83 s, 128->128 1.79 -> 0.51 s, 4x4/2 64->128 1.88 -> 0.92 s; demo: 1.1-1.8x) and loses where a
-  side is narrow (1->64 4x4/2: 0.23 vs 0.35 s; 64->4: 0.44 vs 0.51 s). A 3x3 layer with <= 8 outputs from >= 16
-  inputs takes the taps form (64->4: 0.29 -> 0.13 s); the 1->64 input layer keeps XLA's op. im2col (1.2-1.7x over
-  XLA on wide layers, slower than Winograd) is used for wide layers that Winograd does not cover."""
+  """The faster form of a layer on XLA:CPU, as bench/conv_layers.py measures them (forward + backward; the table
+  is in docs/performance.md): a 3x3 layer with <= 8 outputs from >= 16 inputs takes taps; a layer Winograd covers
+  with >= 16 channels on both sides takes Winograd (it loses where a side is narrow, e.g. the 1->64 input layer);
+  other layers with >= 64 channels on both sides take im2col; the rest XLA's op. GPU/TPU: always XLA's op."""
   if jax.default_backend() != 'cpu':   # GPU / TPU convolution libraries do their own (Winograd, implicit GEMM)
     return 'xla'
   if taps_applies(kernel_size, stride) and out_channels <= 8 and in_channels >= 16:
@@ -114,9 +112,8 @@ def _output_transform_transposed(dy, tiles):
   """The transpose of _output_transform_impl: A dy A^T of every 4x4 tile of dy -> 36 arrays [N*th*tw, O], as one
   copy of dy into its 16 tile phases [16, N*th*tw*O] and one GEMM by kron(A, A)^T [36, 16]. Written out because
   autodiff's transpose of the forward's stack-and-index pattern ran ~20x slower on XLA:CPU (it made the 128->128
-  layer's forward + backward 2.0 s instead of 0.5 s); the GEMM rather than 36 sums of phases because XLA fuses dy's
-  producer (a ReLU's gradient mask, a depth-to-space transpose) into each of the 36 sums and recomputes it there
-  (seed decoder's 128->256 layer in the train step, by jax.profiler: 500 -> 280 ms of backward CPU time)."""
+  layer's forward + backward 4x slower); the GEMM rather than 36 sums of phases because XLA fuses dy's producer
+  (a ReLU's gradient mask, a depth-to-space transpose) into each of the 36 sums and recomputes it there."""
   n, th, tw = tiles
   o = dy.shape[-1]
   phases = dy.reshape(n, th, TILE, tw, TILE, o).transpose(2, 4, 0, 1, 3, 5).reshape(TILE * TILE, -1)

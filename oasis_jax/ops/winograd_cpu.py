@@ -1,8 +1,8 @@
 """Winograd F(4x4, 3x3)'s tile transforms as native XLA:CPU kernels (winograd_cpu.cc, called through the XLA FFI).
 
 XLA fuses each of the 36 points of the input transform into its own loop over the whole input, so a layer reads
-its input 36 times (the seed's 256-channel layer: 36 passes over 151 MB); the kernels make one pass, a tile at a
-time. Seed stage-1 step on a 2-core CPU, 5 steps per call: 3.82 -> 2.95 s (README, Performance).
+its input 36 times; the kernels make one pass, a tile of 16 channels at a time (docs/performance.md compares the
+train steps with and without them).
 
 The four ops are linear and each pair is the other's transpose, declared as custom VJPs, so reverse mode works to
 any order (stage 2's R1 penalty differentiates a gradient); forward mode (jax.jvp) does not.

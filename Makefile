@@ -25,6 +25,7 @@ demo: venv
 	$(PY) train_gan.py --config=configs/gan.py:demo --workdir=$(DEMO_DIR)/gan --config.vqvae_workdir=$(DEMO_DIR)/vqvae
 	$(PY) sample.py --num=64 --workdir=$(DEMO_DIR)/gan --outdir=$(DEMO_DIR)/samples
 	$(PY) -m oasis_jax.evaluate --workdir=$(DEMO_DIR)/gan --split=test
+	$(PY) -m oasis_jax.timing $(DEMO_DIR)/vqvae $(DEMO_DIR)/gan
 	@echo "make demo: 64 samples in $(DEMO_DIR)/samples/ (overview: $(DEMO_DIR)/samples/grid.png)"
 
 # The README's pictures, from the demo's own outputs (run `make demo` first).

@@ -16,9 +16,12 @@ flags.DEFINE_integer('seed', 0, 'Random seed: the same seed gives the same image
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from oasis_jax import sampling
+  from oasis_jax import sampling, timing
+  phases = timing.Phases()
   outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, 'samples')
-  files = sampling.write_samples(FLAGS.workdir, outdir, FLAGS.num, FLAGS.seed)
+  with phases('sample'):
+    files = sampling.write_samples(FLAGS.workdir, outdir, FLAGS.num, FLAGS.seed)
+  phases.write(FLAGS.workdir, 'sample')
   print(f'wrote {len(files)} samples and grid.png to {outdir}', flush=True)
 
 

@@ -23,7 +23,8 @@ flags.DEFINE_integer('seed', 0, 'Stage 2: the seed of the evaluated samples.')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from oasis_jax import checkpoints, evaluation   # imported after flag parsing: JAX starts only when there is work
+  from oasis_jax import checkpoints, evaluation, timing   # imported after flag parsing: JAX starts only when needed
+  phases = timing.Phases()
   workdir = cli.check_workdir(FLAGS.workdir)
   stage, _ = checkpoints.read_config(workdir)
   if FLAGS.stage and FLAGS.stage != stage:
@@ -31,10 +32,12 @@ def main(argv):
   if FLAGS.batch_size <= 0 or FLAGS.batch_size % jax.local_device_count():
     raise UserError(f'--batch_size={FLAGS.batch_size}: expected a positive multiple of the device count '
                     f'({jax.local_device_count()})')
-  if stage == checkpoints.STAGE1:
-    result = evaluation.evaluate_vqvae(workdir, FLAGS.split, FLAGS.batch_size)
-  else:
-    result = evaluation.evaluate_gan(workdir, FLAGS.split, FLAGS.batch_size, FLAGS.seed)
+  with phases('evaluate'):
+    if stage == checkpoints.STAGE1:
+      result = evaluation.evaluate_vqvae(workdir, FLAGS.split, FLAGS.batch_size)
+    else:
+      result = evaluation.evaluate_gan(workdir, FLAGS.split, FLAGS.batch_size, FLAGS.seed)
+  phases.write(workdir, f'evaluate --split={FLAGS.split}')
   print(json.dumps(result), flush=True)
   sys.stdout.flush()
 

@@ -7,27 +7,56 @@ for stage-1 reconstructions of those slices as the reference point (no downloade
   ms_ssim    mean MS-SSIM between pairs of images of the set: diversity (lower = more diverse)
   code_kl    KL(code histogram of the split's slices || code histogram of the set)
   nn_ssim    mean over the set of the highest SSIM against any training slice (64x64): memorisation check
+Both stages also report a classifier two-sample test (oasis_jax/c2st.py) on up to C2ST_IMAGES training slices:
+held-out accuracy of telling reconstructions from the real slices (stage 1's ceiling), and for stage 2 samples
+from reconstructions (stage 2's own gap: a perfect generator matches the reconstructions) and samples from real
+slices; beside them the baseline, two halves of the real slices, which should be near 0.5.
 Each evaluate_* returns the figures as a dict and writes them to WORKDIR/eval_<split>.json, with a picture under
 WORKDIR/images/. The dataset is the one the run was trained on (its saved config).
 """
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oasis_jax import checkpoints, images, metrics, parallel, sampling, stage1
+from oasis_jax import c2st, checkpoints, images, metrics, parallel, sampling, stage1
 from oasis_jax.data import input_pipeline, tfds_oasis
+
+C2ST_IMAGES = 1024   # at most this many training slices (evenly spaced) per C2ST set
+
+
+def c2st_scores(real, groups, reconstructions, samples=None, seed: int = 0) -> dict:
+  """C2ST held-out accuracies: real vs real (two halves, split by `groups` of near-copies), reconstructions vs
+  real, and where samples are given samples vs reconstructions and samples vs real. All sets [N, S, S, 1] in
+  [0, 1]; real[i] and reconstructions[i] are the same slice."""
+  real_features, reconstruction_features = c2st.features(real), c2st.features(reconstructions)
+  result = {'images_per_set': len(real),
+            'real_vs_real': c2st.real_vs_real(real_features, groups, seed=seed)['accuracy'],
+            'reconstructions_vs_real': c2st.accuracy(reconstruction_features, real_features, seed=seed,
+                                                     groups_a=groups, groups_b=groups)['accuracy']}
+  if samples is not None:
+    sample_features = c2st.features(samples)
+    result['samples_vs_reconstructions'] = c2st.accuracy(sample_features, reconstruction_features, seed=seed,
+                                                         groups_b=groups)['accuracy']
+    result['samples_vs_real'] = c2st.accuracy(sample_features, real_features, seed=seed,
+                                              groups_b=groups)['accuracy']
+  result['std_error'] = 0.5 / np.sqrt(2 * len(real))   # binomial standard error of an accuracy near 0.5
+  return result
 
 
 def evaluate_vqvae(workdir: str, split: str, batch_size: int) -> dict:
   model, variables, config = stage1.load(workdir)
-  source = tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir).as_data_source(split)
+  builder = tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir)
+  source = builder.as_data_source(split)
   sharding = input_pipeline.current_sharding(batch_size, config.image_size)
   p_eval_step = stage1.make_eval_step(model, config.num_embeddings)
   result, (originals, reconstructions) = stage1.evaluate_split(
       p_eval_step, parallel.replicate(variables), source, sharding)
-  result = {'split': split, 'stage': 'vqvae', **result}
+  train_source = builder.as_data_source('train')
+  train = input_pipeline.load_images(train_source, config.image_size, C2ST_IMAGES)
+  groups = input_pipeline.load_groups(train_source, config.dataset, C2ST_IMAGES)
+  result = {'split': split, 'stage': 'vqvae', **result,
+            'c2st': c2st_scores(train, groups, stage1.reconstruct(model, variables, train, batch_size))}
   if parallel.is_main_process():
     images.save_png(stage1.comparison_grid(originals, reconstructions),
                     checkpoints.path(workdir, 'images', f'eval_{split}.png'))
@@ -47,9 +76,7 @@ def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int) -> dict:
                                                config.latent_dim, seed, batch_size)
   real_codes = stage1.encode_split(stage1_model, stage1_variables, source, stage1_config.image_size)
   train_codes = stage1.encode_split(stage1_model, stage1_variables, train_source, stage1_config.image_size)
-  reconstruct = jax.jit(lambda v, x: jnp.clip(stage1_model.apply(v, x)[0], 0, 1))
-  reconstructions = np.concatenate([np.asarray(reconstruct(stage1_variables, real[b:b + batch_size]))
-                                    for b in range(0, len(real), batch_size)])
+  reconstructions = stage1.reconstruct(stage1_model, stage1_variables, real, batch_size)
   train_small = input_pipeline.load_images(train_source, min(64, stage1_config.image_size))
   k = stage1_config.num_embeddings
   histogram = lambda codes: jnp.bincount(jnp.asarray(codes).reshape(-1), length=k)
@@ -66,6 +93,12 @@ def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int) -> dict:
                                 'code_kl': float(metrics.code_histogram_kl(real_histogram, histogram(train_codes)))},
             'real': {'swd_self': metrics.swd(real, real, seed=1)['mean'], 'ms_ssim': metrics.ms_ssim_diversity(real),
                      'nn_ssim': float(metrics.nearest_neighbour_ssim(real, train_small).mean())}}
+  train = input_pipeline.load_images(train_source, stage1_config.image_size, C2ST_IMAGES)
+  groups = input_pipeline.load_groups(train_source, config.dataset, C2ST_IMAGES)
+  c2st_samples, _ = sampling.generate(loaded.sample, loaded.g_variables, stage1_variables, len(train),
+                                      config.latent_dim, seed + 1, batch_size)
+  result['c2st'] = c2st_scores(train, groups, stage1.reconstruct(stage1_model, stage1_variables, train, batch_size),
+                               c2st_samples, seed)
   if parallel.is_main_process():
     count = min(8, len(real))
     picture = np.concatenate([real[:count], reconstructions[:count], samples[:count]])

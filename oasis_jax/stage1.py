@@ -1,5 +1,5 @@
-"""A trained stage 1 as a function of slices: `load` it from a workdir, `encode_split` a split to code maps, and
-score its reconstructions (`make_eval_step`, `evaluate_split`). Stage-1 training, stage-2 training and evaluation
+"""A trained stage 1 as a function of slices: `load` it from a workdir, `encode_split` a split to code maps,
+`reconstruct` images, and score its reconstructions (`make_eval_step`, `evaluate_split`). Stage-1 training, stage-2 training and evaluation
 all use these; nothing here imports a trainer."""
 import os
 
@@ -40,6 +40,13 @@ def encode_split(model: vqvae.VQVAE, variables, source, image_size: int, batch_s
     codes = np.asarray(encode(p_variables, batch))
     maps.append(codes[mask])
   return np.concatenate(maps)
+
+
+def reconstruct(model: vqvae.VQVAE, variables, images, batch_size: int = 16) -> np.ndarray:
+  """Reconstructions [N, S, S, 1] in [0, 1] of images [N, S, S, 1] (encode, quantise, decode), in batches."""
+  apply = jax.jit(lambda v, x: jnp.clip(model.apply(v, x)[0], 0, 1))
+  return np.concatenate([np.asarray(apply(variables, images[b:b + batch_size]))
+                         for b in range(0, len(images), batch_size)])
 
 
 def make_eval_step(model: vqvae.VQVAE, num_embeddings: int):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import vqvae as vqvae_configs
-from oasis_jax import checkpoints, parallel, stage1
+from oasis_jax import checkpoints, parallel, stage1, timing
 from oasis_jax.data import input_pipeline, tfds_oasis
 from oasis_jax.errors import UserError
 from oasis_jax.models import vqvae
@@ -288,6 +288,16 @@ def train_losses(workdir) -> dict:
 def test_tiny_training_lowers_the_loss(tiny_stage1):
   losses = train_losses(tiny_stage1['whole'])
   assert list(losses) == [10, 15, 20, 30] and losses[30] < 0.6 * losses[10]   # reports at 10, 15 (evaluation), 20, 30
+
+
+def test_a_run_records_where_its_time_went(tiny_stage1):
+  record = timing.latest(tiny_stage1['whole'])['train_vqvae']
+  phases = record['phases']
+  assert sorted(phases) == ['checkpoint', 'compile', 'data', 'evaluate', 'setup', 'train']
+  assert all(seconds >= 0 for seconds in phases.values()) and sum(phases.values()) <= record['total'] + 0.05
+  assert phases['compile'] > phases['train']   # tiny steps: compiling them costs more than running 29 more
+  table = timing.table([tiny_stage1['whole']]).splitlines()
+  assert table[1].startswith('whole: train_vqvae') and table[-1].split()[-1] == f'{record["total"]:.1f}'
 
 
 def test_resume_continues_at_the_right_step_and_matches_an_uninterrupted_run(tiny_stage1):

@@ -62,12 +62,24 @@ def to_device_batch(images: np.ndarray, sharding: Sharding) -> np.ndarray:
   return images.reshape((sharding.local_devices, -1) + images.shape[1:])
 
 
+def spaced_rows(count: int, limit: int = -1) -> np.ndarray:
+  """Up to `limit` evenly spaced record indices of a split of `count` records (-1: all of them, in order)."""
+  if 0 < limit < count:
+    return np.linspace(0, count - 1, limit).astype(int)
+  return np.arange(count)
+
+
+def load_groups(source: Sequence, dataset: str, limit: int = -1) -> np.ndarray:
+  """For the slices load_images(source, S, limit) returns, which are near-copies of one another [N] int: the same
+  template slice in the demo (its augmented copies), else the same case (a subject's slices)."""
+  records = source.__getitems__([int(i) for i in spaced_rows(len(source), limit)])
+  return np.asarray([r['slice_index'] if dataset == 'demo' else r['case_id'] for r in records], np.int64)
+
+
 def load_images(source: Sequence, image_size: int, limit: int = -1, chunk: int = 256) -> np.ndarray:
   """Up to `limit` evenly spaced slices of a split (-1: all, in order) as [N, S, S, 1] float32 in [0, 1], read in
   chunks so that a whole OASIS split fits in memory at small S."""
-  rows = np.arange(len(source))
-  if 0 < limit < len(rows):
-    rows = np.linspace(0, len(source) - 1, limit).astype(int)
+  rows = spaced_rows(len(source), limit)
   out = []
   for begin in range(0, len(rows), chunk):
     part = rows[begin:begin + chunk]

@@ -15,7 +15,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from oasis_jax import checkpoints, images, metrics, ops, parallel, sampling, stage1
+from oasis_jax import checkpoints, images, metrics, ops, parallel, sampling, stage1, timing
 from oasis_jax.data import input_pipeline, tfds_oasis
 from oasis_jax.errors import UserError
 from oasis_jax.models import dcgan
@@ -161,25 +161,30 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains stage 2 in workdir (resuming from its latest checkpoint); returns the last train-metrics summary."""
-  stage1_model, stage1_variables, stage1_config = stage1.load(config.vqvae_workdir)
+  phases = timing.Phases()
+  with phases('setup'):
+    stage1_model, stage1_variables, stage1_config = stage1.load(config.vqvae_workdir)
   config = resolve_data(config, stage1_config)
   check_config(config, stage1_config)
   sharding = input_pipeline.current_sharding(config.batch_size, stage1_config.image_size)
   checkpoints.write_config(workdir, config, checkpoints.STAGE2,
                            must_match=MODEL_FIELDS + ('vqvae_workdir', 'stage1_model', 'batch_size', 'seed'))
-  builder = parallel.main_process_first(
-      lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))
-  train_source = builder.as_data_source('train')
-  if len(train_source) < config.batch_size:
-    raise UserError(f'config.batch_size={config.batch_size}: larger than the training split ({len(train_source)})')
-  print(f'[gan] encoding {len(train_source)} training slices with stage 1 ({config.vqvae_workdir})', flush=True)
-  real_maps = stage1.encode_split(stage1_model, stage1_variables, train_source, stage1_config.image_size)
-  validation_images = input_pipeline.load_images(builder.as_data_source('validate'), stage1_config.image_size,
-                                                  config.eval_images)
+  with phases('data'):
+    builder = parallel.main_process_first(
+        lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))
+    train_source = builder.as_data_source('train')
+    if len(train_source) < config.batch_size:
+      raise UserError(f'config.batch_size={config.batch_size}: larger than the training split '
+                      f'({len(train_source)})')
+    print(f'[gan] encoding {len(train_source)} training slices with stage 1 ({config.vqvae_workdir})', flush=True)
+    real_maps = stage1.encode_split(stage1_model, stage1_variables, train_source, stage1_config.image_size)
+    validation_images = input_pipeline.load_images(builder.as_data_source('validate'), stage1_config.image_size,
+                                                    config.eval_images)
   codebook = jnp.asarray(stage1_variables['vq']['codebook'])
 
-  states = create_states(config, stage1_config, jax.random.key(config.seed))
-  iterator = input_pipeline.code_map_iterator(real_maps, sharding, config.seed)
+  with phases('setup'):
+    states = create_states(config, stage1_config, jax.random.key(config.seed))
+    iterator = input_pipeline.code_map_iterator(real_maps, sharding, config.seed)
   generator, discriminator = sampling.make_models(config, stage1_config, axis_name=parallel.AXIS)
   p_train_step = jax.pmap(
       functools.partial(train_step, config=config, generator=generator, discriminator=discriminator),
@@ -205,5 +210,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f'device(s), code maps {real_maps.shape[1]}x{real_maps.shape[2]} over K={stage1_config.num_embeddings}, '
               f'head {config.head}')
   summary, _ = loop.train('gan', workdir, states, iterator, config.num_train_steps, cadence, 'neg_swd', run_steps,
-                          evaluate, describe)
+                          evaluate, describe, phases)
+  phases.write(workdir, 'train_gan')
   return summary

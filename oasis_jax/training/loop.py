@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from oasis_jax import checkpoints, images, parallel
+from oasis_jax import checkpoints, images, parallel, timing
 from oasis_jax.errors import UserError
 from oasis_jax.training import progress
 
@@ -46,7 +46,8 @@ class Evaluation(NamedTuple):
 
 
 def train(name: str, workdir: str, state: Any, iterator, total_steps: int, cadence: Cadence, best_metric: str,
-          run_steps: Callable, evaluate: Callable[[int, Any], Evaluation], describe: str = '') -> tuple[dict, dict]:
+          run_steps: Callable, evaluate: Callable[[int, Any], Evaluation], describe: str = '',
+          phases: timing.Phases | None = None) -> tuple[dict, dict]:
   """Trains from `state` (or the latest checkpoint in workdir) to `total_steps`.
 
   Args:
@@ -56,31 +57,38 @@ def train(name: str, workdir: str, state: Any, iterator, total_steps: int, caden
     run_steps: (replicated state, first step, last step) -> (replicated state, metrics of those steps).
     evaluate: (step, replicated state) -> Evaluation.
     describe: a line printed once the state is restored.
+    phases: where the wall time of setup, compile, train, evaluate and checkpoint is added up.
   Returns: (the last train-metrics summary, the last evaluation's metrics).
   """
+  phases = phases or timing.Phases()
   store = checkpoints.Checkpoints(workdir, best_metric=best_metric)
   log = None
   try:
-    restored = store.restore_latest(jax.device_get(state))
-    if restored is not None:
-      state, data_state = restored
-      iterator.set_state(data_state)
-      print(f'[{name}] resuming {workdir} from step {_step(state)}', flush=True)
-    step = _step(state)
-    p_state = parallel.replicate(state)
-    log = progress.Progress(workdir, total_steps, step, name)
+    with phases('setup'):
+      restored = store.restore_latest(jax.device_get(state))
+      if restored is not None:
+        state, data_state = restored
+        iterator.set_state(data_state)
+        print(f'[{name}] resuming {workdir} from step {_step(state)}', flush=True)
+      step = _step(state)
+      p_state = parallel.replicate(state)
+      log = progress.Progress(workdir, total_steps, step, name)
     if describe:
       print(f'[{name}] {describe}', flush=True)
     history = progress.History()
     summary, validation = {}, {}
+    compiled = False
     while step < total_steps:
       first, step = step + 1, step + cadence.steps_in_call(step + 1, total_steps)
-      p_state, step_metrics = run_steps(p_state, first, step)
+      with phases('train' if compiled else 'compile'):
+        p_state, step_metrics = run_steps(p_state, first, step)
+      compiled = True
       history.append(step_metrics)
       do_eval = step % cadence.eval_every == 0 or step == total_steps
       do_save = step % cadence.checkpoint_every == 0 or do_eval
       if step % cadence.log_every == 0 or do_save:
-        summary = history.summary()
+        with phases('train'):   # waits for the steps to finish
+          summary = history.summary()
         bad = [key for key, value in summary.items() if not np.isfinite(value)]
         if bad:   # stop before the state that produced it can be checkpointed
           raise UserError(f'non-finite {", ".join(bad)} at step {step}: stopped; the last good checkpoint '
@@ -88,17 +96,20 @@ def train(name: str, workdir: str, state: Any, iterator, total_steps: int, caden
         log.report(step, summary)
       evaluation = None
       if do_eval:
-        evaluation = evaluate(step, p_state)
+        with phases('evaluate'):
+          evaluation = evaluate(step, p_state)
         validation = evaluation.metrics
         log.report(step, validation, prefix='validate')
         log.image(step, evaluation.picture_tag, evaluation.picture)
         if parallel.is_main_process():
           images.save_png(evaluation.picture, checkpoints.path(workdir, 'images', evaluation.picture_file))
       if do_save:
-        store.save(step, parallel.unreplicate(p_state), iterator.get_state(), evaluation and evaluation.best)
+        with phases('checkpoint'):
+          store.save(step, parallel.unreplicate(p_state), iterator.get_state(), evaluation and evaluation.best)
     return summary, validation
   finally:
-    store.close()
+    with phases('checkpoint'):
+      store.close()
     if log is not None:
       log.close()
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from oasis_jax import checkpoints, ops, parallel, stage1
+from oasis_jax import checkpoints, ops, parallel, stage1, timing
 from oasis_jax.data import input_pipeline, tfds_oasis
 from oasis_jax.errors import UserError
 from oasis_jax.models import vqvae
@@ -128,18 +128,21 @@ def num_steps(config, train_size: int) -> int:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains stage 1 in workdir (resuming from its latest checkpoint) and returns the last validation metrics."""
+  phases = timing.Phases()
   check_config(config)
   sharding = input_pipeline.current_sharding(config.batch_size, config.image_size)
   checkpoints.write_config(workdir, config, checkpoints.STAGE1,
                            must_match=MODEL_FIELDS + ('dataset', 'batch_size', 'seed', 'lr_schedule'))
-  builder = parallel.main_process_first(
-      lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))
-  train_source, validate_source = builder.as_data_source('train'), builder.as_data_source('validate')
-  total_steps = num_steps(config, len(train_source))
-  variance = data_variance(train_source, config.image_size)
+  with phases('data'):
+    builder = parallel.main_process_first(
+        lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))
+    train_source, validate_source = builder.as_data_source('train'), builder.as_data_source('validate')
+    total_steps = num_steps(config, len(train_source))
+    variance = data_variance(train_source, config.image_size)
 
-  state = create_state(config, jax.random.key(config.seed), total_steps)
-  iterator = input_pipeline.train_iterator(train_source, sharding, config.seed)
+  with phases('setup'):
+    state = create_state(config, jax.random.key(config.seed), total_steps)
+    iterator = input_pipeline.train_iterator(train_source, sharding, config.seed)
   p_train_steps = jax.pmap(functools.partial(train_steps, config=config, data_variance=variance),
                            axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None))
   p_eval_step = stage1.make_eval_step(stage1.model_from_config(config), config.num_embeddings)
@@ -162,5 +165,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   describe = (f'{total_steps} steps, global batch {config.batch_size} on {jax.device_count()} device(s), '
               f'{len(train_source)} train slices, data variance {variance:.4f}')
   _, validation = loop.train('vqvae', workdir, state, iterator, total_steps, cadence, config.best_metric, run_steps,
-                             evaluate, describe)
+                             evaluate, describe, phases)
+  phases.write(workdir, 'train_vqvae')
   return validation

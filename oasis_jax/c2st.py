@@ -1,0 +1,121 @@
+"""A classifier two-sample test (C2ST; Lopez-Paz & Oquab 2017): how well can a classifier tell two sets of slices
+apart? Its held-out accuracy is the realism measure a user reads: 0.5 means the two sets are indistinguishable to
+it, 1.0 that every slice gives itself away. No downloaded weights.
+
+The classifier is a logistic regression, trained on the fly, on fixed features of each slice that see both the
+anatomy's layout and its sharpness (`features`):
+  layout     the slice block-averaged to 16x16 (where tissue, ventricles and background are);
+  detail     for each of the four finest Laplacian-pyramid bands (Burt & Adelson 1983): a 12-bin histogram of its
+             values (how sharp edges are) and its mean energy on an 8x8 grid (where the detail is);
+  intensity  a 16-bin histogram of the brain's grey levels (grey/white-matter contrast).
+Features are standardised on each training fold; accuracy is over k folds, each image held out once. Images
+that belong together (augmented copies of a slice, a slice and its reconstruction) share a fold (`groups_*`).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from oasis_jax.metrics import laplacian_pyramid
+
+LAYOUT_SIZE = 16
+DETAIL_GRID = 8
+DETAIL_BANDS = 4
+DETAIL_BINS = np.linspace(-0.3, 0.3, 13)          # 12 bins; values beyond fall into the outer bins
+INTENSITY_BINS = np.linspace(0.05, 1.0, 17)       # 16 bins over the brain's grey levels (background < 0.05)
+
+
+def _histogram(values, edges):
+  """Per-row normalised histogram of values [N, M] over fixed bin edges (clipped into the outer bins)."""
+  index = jnp.clip(jnp.searchsorted(jnp.asarray(edges[1:-1], jnp.float32), values), 0, len(edges) - 2)
+  counts = jax.vmap(lambda row: jnp.bincount(row, length=len(edges) - 1))(index)
+  return counts / values.shape[1]
+
+
+def _block_mean(images, size: int):
+  n, h, w = images.shape
+  return images.reshape(n, size, h // size, size, w // size).mean(axis=(2, 4))
+
+
+@jax.jit
+def _features(images):
+  """[N, S, S] in [0, 1] (S a power of two >= 32) -> [N, F] float32."""
+  n = images.shape[0]
+  parts = [_block_mean(images, LAYOUT_SIZE).reshape(n, -1)]
+  for band in laplacian_pyramid(images)[:DETAIL_BANDS]:
+    parts.append(_histogram(band.reshape(n, -1), DETAIL_BINS))
+    parts.append(_block_mean(band ** 2, DETAIL_GRID).reshape(n, -1) * 100.0)
+  brain = images.reshape(n, -1)
+  in_brain = brain > INTENSITY_BINS[0]
+  counts = jax.vmap(lambda row, mask: jnp.bincount(
+      jnp.clip(jnp.searchsorted(jnp.asarray(INTENSITY_BINS[1:-1], jnp.float32), row), 0, len(INTENSITY_BINS) - 2),
+      weights=mask.astype(jnp.float32), length=len(INTENSITY_BINS) - 1))(brain, in_brain)
+  parts.append(counts / jnp.maximum(in_brain.sum(axis=1, keepdims=True), 1))
+  return jnp.concatenate(parts, axis=1).astype(jnp.float32)
+
+
+def features(images, chunk: int = 64) -> np.ndarray:
+  """The C2ST features [N, F] of images [N, S, S(, 1)] in [0, 1], S a power of two >= 32 (256 for OASIS)."""
+  images = np.asarray(images, np.float32).reshape(len(images), images.shape[1], images.shape[2])
+  return np.concatenate([np.asarray(_features(images[i:i + chunk])) for i in range(0, len(images), chunk)])
+
+
+@functools.partial(jax.jit, static_argnames=('steps',))
+def _fit_predict(x_train, y_train, x_test, l2: float, steps: int = 300):
+  """Logistic regression (L2-penalised, full-batch Adam) on standardised features; test-set probabilities."""
+  mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+  x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+  params = {'w': jnp.zeros(x_train.shape[1]), 'b': jnp.zeros(())}
+  tx = optax.adam(0.05)
+
+  def loss(p):
+    logits = x_train @ p['w'] + p['b']
+    return optax.sigmoid_binary_cross_entropy(logits, y_train).mean() + l2 * jnp.sum(p['w'] ** 2)
+
+  def step(carry, _):
+    p, state = carry
+    updates, state = tx.update(jax.grad(loss)(p), state)
+    return (optax.apply_updates(p, updates), state), None
+  (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+  return jax.nn.sigmoid(x_test @ params['w'] + params['b'])
+
+
+def accuracy(features_a, features_b, folds: int = 5, seed: int = 0, l2: float = 1e-2, groups_a=None,
+             groups_b=None) -> dict:
+  """Held-out accuracy of telling feature rows of set a [Na, F] from set b [Nb, F] (k-fold cross-validation).
+
+  groups_a [Na], groups_b [Nb]: rows with the same label, in either set, go into the same fold: near-copies of one
+  slice (augmented copies, a subject's neighbouring slices), or a slice and its reconstruction. Otherwise a
+  classifier can recognise a held-out image by its copy in the training folds. Default: each row its own group.
+  Returns {'accuracy': fraction of held-out images classified right, 'std_error': its binomial standard error,
+  'images': Na + Nb}."""
+  features_a, features_b = np.asarray(features_a, np.float32), np.asarray(features_b, np.float32)
+  groups_a = np.arange(len(features_a)) if groups_a is None else np.asarray(groups_a)
+  groups_b = len(features_a) + np.arange(len(features_b)) if groups_b is None else np.asarray(groups_b)
+  groups = np.concatenate([groups_a, groups_b])
+  labels = np.unique(groups)
+  fold_of_label = np.empty(len(labels), np.int64)
+  fold_of_label[np.random.default_rng(seed).permutation(len(labels))] = np.arange(len(labels)) % folds
+  fold = fold_of_label[np.searchsorted(labels, groups)]
+  x = np.concatenate([features_a, features_b])
+  y = np.concatenate([np.zeros(len(features_a)), np.ones(len(features_b))]).astype(np.float32)
+  correct = 0
+  for k in range(folds):
+    test = fold == k
+    probabilities = np.asarray(_fit_predict(x[~test], y[~test], x[test], l2))
+    correct += int(np.sum((probabilities > 0.5) == (y[test] > 0.5)))
+  value = correct / len(y)
+  return {'accuracy': value, 'std_error': float(np.sqrt(value * (1 - value) / len(y))), 'images': int(len(y))}
+
+
+def real_vs_real(features_real, groups=None, seed: int = 0, **kwargs) -> dict:
+  """The baseline: two disjoint random halves of one set, which a sound test finds indistinguishable (accuracy
+  near 0.5). groups [N]: near-copies share a label; a group stays in one half and one fold."""
+  rng = np.random.default_rng(seed + 1)
+  groups = np.arange(len(features_real)) if groups is None else np.asarray(groups)
+  labels = np.unique(groups)
+  first_half = np.isin(groups, rng.permutation(labels)[:len(labels) // 2])
+  return accuracy(features_real[first_half], features_real[~first_half], seed=seed, groups_a=groups[first_half],
+                  groups_b=groups[~first_half], **kwargs)

@@ -1,11 +1,13 @@
-"""Kill-anywhere resume soak: SIGKILL the training CLIs at random moments, restart them on the same workdir, and
-check that nothing is lost.
+"""Kill-anywhere resume soak: SIGKILL or SIGTERM the training CLIs at random moments, restart them on the same
+workdir, and check that nothing is lost.
 
-    python -m bench.soak_resume --kills=20 [--stage=vqvae|gan|both] [--steps=200] [--seed=0]
+    python -m bench.soak_resume --kills=20 [--signals=KILL,TERM] [--stage=vqvae|gan|both] [--steps=200] [--seed=0]
 
 For each stage: an uninterrupted reference run, then the same run killed `--kills` times (a random moment after it
-starts training, often inside an orbax save) and restarted each time until it finishes. Checked after every restart:
-it resumes from the newest *complete* checkpoint on disk at the moment of the kill (never a partial one). Checked at
+starts training, often inside an orbax save; the signals taken in turn from --signals) and restarted each time until
+it finishes. A SIGKILLed run must resume from the newest *complete* checkpoint on disk at the moment of the kill
+(never a partial one). A SIGTERMed run must save a checkpoint at the step it names in its one-line message, exit
+with status 143, and resume from that step. Checked at
 the end: the final checkpoint equals the reference bit for bit, and so does every step's training loss in
 WORKDIR/metrics.jsonl. Prints a table and a final JSON line; exit 1 on any mismatch. tests/test_reliability.py runs
 it with a few kills; `make soak` with 20.
@@ -55,8 +57,8 @@ def run(cmd, log):
     return subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
 
 
-def killed_run(cmd, workdir, kills, rng, log):
-  """Runs cmd to completion, SIGKILLing it `kills` times; returns the record of each kill."""
+def killed_run(cmd, workdir, kills, signals, rng, log, max_delay=2.0):
+  """Runs cmd to completion, signalling it `kills` times (signals in turn); returns the record of each kill."""
   records = []
   while True:
     before = os.path.getsize(log) if os.path.exists(log) else 0
@@ -70,12 +72,23 @@ def killed_run(cmd, workdir, kills, rng, log):
           if re.search(r'step \d+/', f.read()):
             break
         time.sleep(0.05)
-      time.sleep(rng.uniform(0.0, 2.0))
+      time.sleep(rng.uniform(0.0, max_delay))
       if process.poll() is None:
+        name = signals[len(records) % len(signals)]
         in_save = saving_now(workdir)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        records.append({'latest_complete': (complete_steps(workdir) or [0])[-1], 'during_save': in_save})
+        process.send_signal(getattr(signal, f'SIG{name}'))
+        code = process.wait()
+        if name == 'TERM' and code == 0:
+          return records   # the run finished before it could stop
+        record = {'signal': name, 'exit': code, 'latest_complete': (complete_steps(workdir) or [0])[-1],
+                  'during_save': in_save}
+        if name == 'TERM':
+          with open(log) as f:
+            f.seek(before)
+            stopped = re.findall(r'stopped by SIGTERM at step (\d+): a complete checkpoint is saved', f.read())
+          record['clean'] = code == 128 + signal.SIGTERM and bool(stopped) and \
+              int(stopped[-1]) == record['latest_complete']
+        records.append(record)
         continue
     if process.wait() != 0:
       raise SystemExit(f'{cmd} failed; see {log}')
@@ -106,6 +119,9 @@ def compare(reference_dir, killed_dir):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--kills', type=int, default=20)
+  parser.add_argument('--signals', default='KILL,TERM', help='Comma-separated signals (KILL, TERM, INT), in turn.')
+  parser.add_argument('--max_delay', type=float, default=2.0,
+                      help='A kill comes this many seconds at most after the run starts training (uniformly drawn).')
   parser.add_argument('--stage', choices=['vqvae', 'gan', 'both'], default='both')
   parser.add_argument('--steps', type=int, default=200)
   parser.add_argument('--seed', type=int, default=0)
@@ -121,25 +137,28 @@ def main():
   if 'gan' in stages and run(command('vqvae', stage1, 30, '', cache_dir), os.path.join(root, 'stage1.log')):
     raise SystemExit(f'the stage-1 run for the GAN soak failed; see {root}/stage1.log')
   results, ok = [], True
-  print(f'{"stage":6} {"kills":>5} {"in save":>7} {"resumes ok":>10} {"params equal":>12} {"losses equal":>12} '
-        f'{"steps":>5} {"wall s":>7}', flush=True)
+  print(f'{"stage":6} {"kills":>5} {"TERM":>5} {"in save":>7} {"TERM ok":>7} {"resumes ok":>10} {"params equal":>12} '
+        f'{"losses equal":>12} {"steps":>5} {"wall s":>7}', flush=True)
   for stage in stages:
     reference, killed = os.path.join(root, f'{stage}_reference'), os.path.join(root, f'{stage}_killed')
     if run(command(stage, reference, args.steps, stage1, cache_dir), reference + '.log'):
       raise SystemExit(f'the uninterrupted {stage} run failed; see {reference}.log')
     start = time.perf_counter()
-    records = killed_run(command(stage, killed, args.steps, stage1, cache_dir), killed, args.kills, rng,
-                         killed + '.log')
+    records = killed_run(command(stage, killed, args.steps, stage1, cache_dir), killed, args.kills,
+                         args.signals.split(','), rng, killed + '.log', args.max_delay)
     wall = time.perf_counter() - start
     resumes_ok, resumed, expected = check_resumes(killed + '.log', records)
     params_equal, losses_equal, steps = compare(reference, killed)
-    ok &= resumes_ok and params_equal and losses_equal
+    terms_clean = all(r['clean'] for r in records if r['signal'] == 'TERM')
+    ok &= resumes_ok and params_equal and losses_equal and terms_clean
     result = {'stage': stage, 'kills': len(records), 'kills_during_save': sum(r['during_save'] for r in records),
-              'resumes_ok': resumes_ok, 'resumed_from': resumed, 'expected': expected,
+              'by_signal': {name: sum(r['signal'] == name for r in records) for name in args.signals.split(',')},
+              'terms_clean': terms_clean, 'resumes_ok': resumes_ok, 'resumed_from': resumed, 'expected': expected,
               'params_equal': params_equal, 'losses_equal': losses_equal, 'steps': steps, 'wall_s': round(wall, 1)}
     results.append(result)
-    print(f'{stage:6} {result["kills"]:>5} {result["kills_during_save"]:>7} {str(resumes_ok):>10} '
-          f'{str(params_equal):>12} {str(losses_equal):>12} {steps:>5} {wall:>7.1f}', flush=True)
+    print(f'{stage:6} {result["kills"]:>5} {result["by_signal"].get("TERM", 0):>5} {result["kills_during_save"]:>7} '
+          f'{str(terms_clean):>7} {str(resumes_ok):>10} {str(params_equal):>12} {str(losses_equal):>12} {steps:>5} '
+          f'{wall:>7.1f}', flush=True)
   print(json.dumps({'ok': ok, 'root': root, 'results': results}), flush=True)
   sys.exit(0 if ok else 1)
 

@@ -30,6 +30,10 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.r1_gamma = 1.0          # R1 gradient penalty on real code maps
   config.minibatch_std_group = 4 # minibatch standard-deviation feature in the discriminator (group size)
   config.generator_ema = 0.0     # EMA decay of the generator weights that samples are drawn from
+  # DiffAugment (Zhao et al. 2020) of what the discriminator sees, real and generated alike: '' (none) or a
+  # comma-separated subset of 'translation' (by up to augment_translation x the map's side) and 'cutout'.
+  config.augment = ''
+  config.augment_translation = 0.125
   # Optimisation (Radford et al.: Adam 2e-4, beta1 0.5).
   config.seed = 0
   config.batch_size = 64

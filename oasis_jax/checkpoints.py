@@ -1,6 +1,7 @@
 """The workdir layout, in one place, and orbax checkpoints.
 
     WORKDIR/config.json          {"stage": "vqvae" | "gan", "config": {...}}: the run's ConfigDict
+    WORKDIR/lock                 held (flock) by the training run using the workdir; names its PID and host
     WORKDIR/checkpoints/<step>/  latest checkpoints (orbax, atomic): train state + data iterator state
     WORKDIR/best/<step>/         the best checkpoint by a validation metric (stage 1: config.best_metric, PSNR)
     WORKDIR/tensorboard/         TensorBoard event files
@@ -10,8 +11,12 @@
 Checkpoints hold unreplicated host arrays, so a run can resume on a different number of devices.
 A trained stage is loaded by `stage1.load` or `sampling.load`, each in one place.
 """
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import socket
 
 import ml_collections
 import orbax.checkpoint as ocp
@@ -20,6 +25,7 @@ from oasis_jax import parallel
 from oasis_jax.errors import UserError
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = 'lock'
 STAGE1, STAGE2 = 'vqvae', 'gan'   # the stage names config.json records
 
 
@@ -37,9 +43,9 @@ def read_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
   return saved['stage'], ml_collections.ConfigDict(saved['config'])
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict, stage: str,
-                 must_match: tuple[str, ...] = ()) -> None:
-  """Saves the run's config; refuses a workdir of the other stage, or one whose `must_match` fields differ."""
+def check_resumable(workdir: str, config: ml_collections.ConfigDict, stage: str,
+                    must_match: tuple[str, ...] = ()) -> None:
+  """Refuses a workdir of the other stage, or one whose run's `must_match` fields differ from config's."""
   if os.path.exists(path(workdir, CONFIG_FILE)):
     saved_stage, saved = read_config(workdir)
     if saved_stage != stage:
@@ -48,12 +54,46 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, stage: str,
       if field in saved and saved[field] != config[field]:
         raise UserError(f'config.{field}={config[field]!r} differs from {saved[field]!r} of the run in {workdir}: '
                         'use another --workdir to start a new run')
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict, stage: str,
+                 must_match: tuple[str, ...] = ()) -> None:
+  """Saves the run's config, after check_resumable."""
+  check_resumable(workdir, config, stage, must_match)
   if parallel.is_main_process():
     os.makedirs(path(workdir), exist_ok=True)
     tmp = path(workdir, CONFIG_FILE + '.tmp')
     with open(tmp, 'w') as f:
       json.dump({'stage': stage, 'config': config.to_dict()}, f, indent=2, sort_keys=True)
     os.replace(tmp, path(workdir, CONFIG_FILE))
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds WORKDIR/lock for a training run (process 0 of a multi-process run): a second run on the workdir is
+  refused with one line naming the holder. The lock is an flock on the open file, so the kernel releases it when
+  the holder exits, also by kill -9: a stale lock file never blocks a restart."""
+  if not parallel.is_main_process():
+    yield
+    return
+  os.makedirs(path(workdir), exist_ok=True)
+  handle = open(path(workdir, LOCK_FILE), 'a+')
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      handle.seek(0)
+      holder = handle.read().strip() or 'another process'
+      raise UserError(f'{workdir}: in use by {holder} ({path(workdir, LOCK_FILE)}): wait for that run to end, '
+                      'or use another --workdir') from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f'PID {os.getpid()} on {socket.gethostname()}, since '
+                 f'{datetime.datetime.now().isoformat(timespec="seconds")}\n')
+    handle.flush()
+    yield
+  finally:
+    handle.close()   # releases the flock
 
 
 class Checkpoints:

@@ -4,11 +4,12 @@ import sys
 
 from absl import app, flags, logging
 
-from oasis_jax.errors import UserError
+from oasis_jax.errors import Stopped, UserError
 
 
 def run(main):
-  """Wraps an absl main: a UserError (or a bad config field) prints one line on stderr, no traceback."""
+  """Wraps an absl main: a UserError (or a bad config field) prints one line on stderr, no traceback; a run
+  stopped by a signal prints its one line and exits with 128 + the signal number."""
 
   def wrapped(argv):
     logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax, TFDS) hides the progress lines
@@ -18,6 +19,9 @@ def run(main):
       return main(argv)
     except UserError as error:
       sys.exit(f'error: {error}')
+    except Stopped as stopped:
+      print(stopped, file=sys.stderr, flush=True)
+      sys.exit(128 + stopped.signal_number)
   return wrapped
 
 

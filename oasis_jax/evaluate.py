@@ -17,6 +17,7 @@ flags.DEFINE_enum('split', 'test', ['train', 'validate', 'test'], 'Which split t
 flags.DEFINE_integer('batch_size', 16, 'Evaluation batch size (a multiple of the device count).')
 flags.DEFINE_enum('stage', None, ['vqvae', 'gan'], 'The stage the workdir holds (default: read from its config).')
 flags.DEFINE_integer('seed', 0, 'Stage 2: the seed of the evaluated samples.')
+flags.DEFINE_integer('c2st_images', 1024, 'The classifier two-sample test uses up to this many training slices per set.')
 
 
 @cli.run
@@ -29,14 +30,16 @@ def main(argv):
   stage, _ = checkpoints.read_config(workdir)
   if FLAGS.stage and FLAGS.stage != stage:
     raise UserError(f'{workdir}: holds a {stage} run, not a {FLAGS.stage} run (--stage)')
+  if FLAGS.c2st_images < 10:
+    raise UserError(f'--c2st_images={FLAGS.c2st_images}: expected at least 10 (5 folds of two sets)')
   if FLAGS.batch_size <= 0 or FLAGS.batch_size % jax.local_device_count():
     raise UserError(f'--batch_size={FLAGS.batch_size}: expected a positive multiple of the device count '
                     f'({jax.local_device_count()})')
   with phases('evaluate'):
     if stage == checkpoints.STAGE1:
-      result = evaluation.evaluate_vqvae(workdir, FLAGS.split, FLAGS.batch_size)
+      result = evaluation.evaluate_vqvae(workdir, FLAGS.split, FLAGS.batch_size, FLAGS.c2st_images)
     else:
-      result = evaluation.evaluate_gan(workdir, FLAGS.split, FLAGS.batch_size, FLAGS.seed)
+      result = evaluation.evaluate_gan(workdir, FLAGS.split, FLAGS.batch_size, FLAGS.seed, FLAGS.c2st_images)
   phases.write(workdir, f'evaluate --split={FLAGS.split}')
   print(json.dumps(result), flush=True)
   sys.stdout.flush()

@@ -7,7 +7,7 @@ for stage-1 reconstructions of those slices as the reference point (no downloade
   ms_ssim    mean MS-SSIM between pairs of images of the set: diversity (lower = more diverse)
   code_kl    KL(code histogram of the split's slices || code histogram of the set)
   nn_ssim    mean over the set of the highest SSIM against any training slice (64x64): memorisation check
-Both stages also report a classifier two-sample test (oasis_jax/c2st.py) on up to C2ST_IMAGES training slices:
+Both stages also report a classifier two-sample test (oasis_jax/c2st.py) on up to `c2st_images` training slices:
 held-out accuracy of telling reconstructions from the real slices (stage 1's ceiling), and for stage 2 samples
 from reconstructions (stage 2's own gap: a perfect generator matches the reconstructions) and samples from real
 slices; beside them the baseline, two halves of the real slices, which should be near 0.5.
@@ -22,7 +22,7 @@ import numpy as np
 from oasis_jax import c2st, checkpoints, images, metrics, parallel, sampling, stage1
 from oasis_jax.data import input_pipeline, tfds_oasis
 
-C2ST_IMAGES = 1024   # at most this many training slices (evenly spaced) per C2ST set
+C2ST_IMAGES = 1024   # the default: at most this many training slices (evenly spaced) per C2ST set
 
 
 def c2st_scores(real, groups, reconstructions, samples=None, seed: int = 0) -> dict:
@@ -44,7 +44,7 @@ def c2st_scores(real, groups, reconstructions, samples=None, seed: int = 0) -> d
   return result
 
 
-def evaluate_vqvae(workdir: str, split: str, batch_size: int) -> dict:
+def evaluate_vqvae(workdir: str, split: str, batch_size: int, c2st_images: int = C2ST_IMAGES) -> dict:
   model, variables, config = stage1.load(workdir)
   builder = tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir)
   source = builder.as_data_source(split)
@@ -53,8 +53,8 @@ def evaluate_vqvae(workdir: str, split: str, batch_size: int) -> dict:
   result, (originals, reconstructions) = stage1.evaluate_split(
       p_eval_step, parallel.replicate(variables), source, sharding)
   train_source = builder.as_data_source('train')
-  train = input_pipeline.load_images(train_source, config.image_size, C2ST_IMAGES)
-  groups = input_pipeline.load_groups(train_source, config.dataset, C2ST_IMAGES)
+  train = input_pipeline.load_images(train_source, config.image_size, c2st_images)
+  groups = input_pipeline.load_groups(train_source, config.dataset, c2st_images)
   result = {'split': split, 'stage': 'vqvae', **result,
             'c2st': c2st_scores(train, groups, stage1.reconstruct(model, variables, train, batch_size))}
   if parallel.is_main_process():
@@ -65,7 +65,7 @@ def evaluate_vqvae(workdir: str, split: str, batch_size: int) -> dict:
   return result
 
 
-def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int) -> dict:
+def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int, c2st_images: int = C2ST_IMAGES) -> dict:
   loaded = sampling.load(workdir)
   stage1_model, stage1_variables, stage1_config, config = (loaded.stage1_model, loaded.stage1_variables,
                                                            loaded.stage1_config, loaded.config)
@@ -93,8 +93,8 @@ def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int) -> dict:
                                 'code_kl': float(metrics.code_histogram_kl(real_histogram, histogram(train_codes)))},
             'real': {'swd_self': metrics.swd(real, real, seed=1)['mean'], 'ms_ssim': metrics.ms_ssim_diversity(real),
                      'nn_ssim': float(metrics.nearest_neighbour_ssim(real, train_small).mean())}}
-  train = input_pipeline.load_images(train_source, stage1_config.image_size, C2ST_IMAGES)
-  groups = input_pipeline.load_groups(train_source, config.dataset, C2ST_IMAGES)
+  train = input_pipeline.load_images(train_source, stage1_config.image_size, c2st_images)
+  groups = input_pipeline.load_groups(train_source, config.dataset, c2st_images)
   c2st_samples, _ = sampling.generate(loaded.sample, loaded.g_variables, stage1_variables, len(train),
                                       config.latent_dim, seed + 1, batch_size)
   result['c2st'] = c2st_scores(train, groups, stage1.reconstruct(stage1_model, stage1_variables, train, batch_size),

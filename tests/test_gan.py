@@ -14,7 +14,7 @@ from configs import vqvae as vqvae_configs
 from oasis_jax import checkpoints, parallel, sampling, stage1
 from oasis_jax.errors import UserError
 from oasis_jax.models import dcgan, vqvae
-from oasis_jax.training import gan_trainer
+from oasis_jax.training import augment, gan_trainer
 
 
 def test_gumbel_straight_through_is_one_hot_forward_and_softmax_backward():
@@ -50,6 +50,33 @@ def test_minibatch_std_matches_hand_computation():
     np.testing.assert_allclose(out[2 * group:2 * group + 2, ..., 3], expected, rtol=1e-5)
 
 
+def test_translation_and_cutout_match_hand_computed_maps():
+  x = jnp.arange(1.0, 17.0).reshape(4, 4, 1)
+  moved = np.asarray(augment.translate(x, jnp.asarray([1, -2])))[..., 0]
+  expected = np.zeros((4, 4))
+  expected[1:, :2] = np.asarray(x)[:3, 2:, 0]                 # out[i, j] = x[i - 1, j + 2]
+  np.testing.assert_array_equal(moved, expected)
+  grad = jax.grad(lambda v: augment.translate(v, jnp.asarray([1, -2])).sum())(x)[..., 0]
+  np.testing.assert_array_equal(grad, np.pad(np.ones((3, 2)), ((0, 1), (2, 0))))   # only what moved in counts
+  cut = np.asarray(augment.cutout(x, jnp.asarray([3, 0]), 2))[..., 0]
+  expected = np.asarray(x)[..., 0].copy()
+  expected[2:4, 0:1] = 0                                       # rows 2-3, columns -1..0 clipped to 0
+  np.testing.assert_array_equal(cut, expected)
+
+
+def test_augmentation_draws_per_global_row():
+  x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
+  draw = jax.jit(augment.augment, static_argnums=(3, 4))
+  whole = draw(x, jax.random.key(1), jnp.arange(6), ('translation', 'cutout'), 0.25)
+  halves = [draw(x[i:i + 3], jax.random.key(1), jnp.arange(i, i + 3), ('translation', 'cutout'), 0.25)
+            for i in (0, 3)]
+  np.testing.assert_array_equal(whole, jnp.concatenate(halves))
+  assert not np.array_equal(whole, x)
+  np.testing.assert_array_equal(augment.augment(x, jax.random.key(1), jnp.arange(6), ()), x)
+  with pytest.raises(ValueError, match="unknown augmentation 'color'"):
+    augment.check_policy('translation,color')
+
+
 @pytest.mark.parametrize('head', ['logits', 'latent'])
 def test_generator_codes_are_valid_indices_for_any_input(head):
   stage1 = vqvae_configs.get_config('tiny')
@@ -70,7 +97,8 @@ def test_generator_codes_are_valid_indices_for_any_input(head):
 
 @pytest.mark.parametrize('overrides', [
     {},
-    {'head': 'latent', 'loss': 'hinge', 'minibatch_std_group': 2, 'r1_gamma': 1.0, 'generator_ema': 0.9},
+    {'head': 'latent', 'loss': 'hinge', 'minibatch_std_group': 2, 'r1_gamma': 1.0, 'generator_ema': 0.9,
+     'augment': 'translation,cutout', 'augment_translation': 0.25},
 ])
 def test_two_device_gan_step_equals_one_device_step(overrides):
   stage1 = vqvae_configs.get_config('tiny')
@@ -151,13 +179,18 @@ def test_a_sample_does_not_depend_on_the_batch_it_is_drawn_in(tiny_chain):
 
 
 def test_evaluate_gan_prints_generation_metrics(tiny_chain, run_cli):
-  result = run_cli('-m', 'oasis_jax.evaluate', '--stage=gan', f'--workdir={tiny_chain["gan"]}', '--split=test')
+  result = run_cli('-m', 'oasis_jax.evaluate', '--stage=gan', f'--workdir={tiny_chain["gan"]}', '--split=test',
+                   '--c2st_images=100')
   line = json.loads(result.stdout.strip().splitlines()[-1])
   assert line['split'] == 'test' and line['stage'] == 'gan' and line['images'] > 0
   for group in ('samples', 'reconstructions'):
     assert set(line[group]) == {'swd', 'ms_ssim', 'code_kl', 'nn_ssim'} and line[group]['swd'] > 0
   assert 0 < line['real']['nn_ssim'] <= 1 and 0 < line['real']['ms_ssim'] < 1
   assert 'goals' not in line   # figures only: targets belong to the issue tracker, not the output
+  assert line['c2st']['images_per_set'] == 100 and set(line['c2st']) == {
+      'images_per_set', 'real_vs_real', 'reconstructions_vs_real', 'samples_vs_reconstructions', 'samples_vs_real',
+      'std_error'}
+  assert all(0 <= value <= 1 for key, value in line['c2st'].items() if key.endswith('real') or 'vs' in key)
   with open(os.path.join(tiny_chain['gan'], 'eval_test.json')) as f:
     assert json.load(f) == line
   wrong = run_cli('-m', 'oasis_jax.evaluate', '--stage=vqvae', f'--workdir={tiny_chain["gan"]}', check=False)

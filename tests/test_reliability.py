@@ -4,6 +4,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 
 from configs import gan as gan_configs
 from configs import vqvae as vqvae_configs
-from oasis_jax import cli, sampling
+from oasis_jax import checkpoints, cli, sampling
 from oasis_jax.errors import UserError
 from oasis_jax.training import gan_trainer, vqvae_trainer
 
@@ -19,16 +20,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_killed_runs_resume_bit_for_bit(tmp_path, cache_dir):
-  """bench/soak_resume.py with 2 SIGKILLs per stage (the bench runs 20): resumes from the newest complete
-  checkpoint each time, and the final checkpoint and every step's losses equal an uninterrupted run exactly."""
-  result = subprocess.run([sys.executable, '-m', 'bench.soak_resume', '--kills=2', '--steps=40', '--seed=1',
+  """bench/soak_resume.py with a SIGTERM and a SIGKILL per stage (make soak runs 20): the SIGTERMed run saves at the
+  step it names and exits 143, every restart resumes from the newest complete checkpoint, and the final checkpoint
+  and every step's losses equal an uninterrupted run exactly."""
+  result = subprocess.run([sys.executable, '-m', 'bench.soak_resume', '--kills=2', '--signals=TERM,KILL', '--steps=40',
+                           '--max_delay=0.5', '--seed=1',
                            f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, 'OASIS_JAX_CACHE': cache_dir})
   assert result.returncode == 0, result.stdout + result.stderr
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert summary['ok'] and [r['stage'] for r in summary['results']] == ['vqvae', 'gan']
   for stage in summary['results']:
-    assert stage['kills'] == 2 and stage['params_equal'] and stage['losses_equal'] and stage['steps'] == 40
+    assert stage['kills'] == 2 and stage['by_signal'] == {'TERM': 1, 'KILL': 1} and stage['terms_clean']
+    assert stage['params_equal'] and stage['losses_equal'] and stage['steps'] == 40
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, run_cli):
@@ -166,3 +170,25 @@ def test_no_unsafe_loading_anywhere():
       found += [f'{os.path.relpath(path, REPO)}:{number}: {line.strip()}' for pattern in UNSAFE
                 if re.search(pattern, line)]
   assert not found, '\n'.join(found)
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+  workdir = tmp_path / 'run'
+  holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from oasis_jax import checkpoints\n'
+                             f'with checkpoints.lock({str(workdir)!r}):\n  print("locked", flush=True); time.sleep(60)'],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    config = vqvae_configs.get_config('tiny')
+    with pytest.raises(UserError) as info:
+      vqvae_trainer.train_and_evaluate(config, str(workdir))
+    assert re.fullmatch(rf'{re.escape(str(workdir))}: in use by PID {holder.pid} on {re.escape(socket.gethostname())}, '
+                        rf'since \S+ \({re.escape(str(workdir / "lock"))}\): wait for that run to end, or use another '
+                        r'--workdir', str(info.value)), str(info.value)
+    assert not (workdir / 'config.json').exists()   # the refused run wrote nothing
+  finally:
+    holder.kill()                                   # SIGKILL: no chance to clean up
+    holder.wait()
+  assert (workdir / 'lock').read_text().startswith(f'PID {holder.pid} ')   # the file stays ...
+  with checkpoints.lock(str(workdir)):              # ... but does not block a restart
+    assert (workdir / 'lock').read_text().startswith(f'PID {os.getpid()} ')

@@ -99,9 +99,9 @@ def test_model_shapes_and_upsample_kinds():
   for kind in ('subpixel', 'transpose'):
     config.upsample = kind
     model = stage1.model_from_config(config)
-    x = jnp.zeros((2, 64, 64, 1))
-    variables = model.init(jax.random.key(0), x)
-    reconstruction, z, quantized, codes = model.apply(variables, x)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 1), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)    # shapes and dtypes only: nothing to compute
+    reconstruction, z, quantized, codes = jax.eval_shape(model.apply, variables, x)
     assert reconstruction.shape == x.shape and z.shape == (2, 16, 16, 8) == quantized.shape
     assert codes.shape == (2, 16, 16) and codes.dtype == jnp.int32
   depth = vqvae.depth_to_space(jnp.arange(16.).reshape(1, 1, 1, 16))
@@ -273,7 +273,7 @@ def test_checkpoint_restore_equals_save(tmp_path):
   store = checkpoints.Checkpoints(str(tmp_path), best_metric='ssim')
   store.save(5, state, {'next_index': 5}, {'ssim': 0.5})
   store.close()
-  abstract = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(4)))
+  abstract = jax.eval_shape(lambda: vqvae_trainer.create_state(config, jax.random.key(4)))   # the restore target
   restored, data_state = checkpoints.Checkpoints(str(tmp_path), best_metric='ssim').restore_latest(abstract)
   assert data_state == {'next_index': 5} and int(restored.step) == 5
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
@@ -313,10 +313,11 @@ def test_resume_continues_at_the_right_step_and_matches_an_uninterrupted_run(tin
 
 
 def test_evaluate_prints_one_json_line_and_writes_files(tiny_stage1, run_cli):
-  result = run_cli('-m', 'oasis_jax.evaluate', f'--workdir={tiny_stage1["whole"]}', '--split=test')
+  result = run_cli('-m', 'oasis_jax.evaluate', f'--workdir={tiny_stage1["whole"]}', '--split=test', '--c2st_images=100')
   line = json.loads(result.stdout.strip().splitlines()[-1])
   assert line['split'] == 'test' and line['images'] == 17
   assert 0 < line['ssim'] < 1 and 5 < line['psnr'] < 60 and 1 <= line['perplexity'] <= line['codes_used'] <= 32
+  assert line['c2st']['images_per_set'] == 100 and line['c2st']['reconstructions_vs_real'] > 0.9   # tiny: blurry
   with open(os.path.join(tiny_stage1['whole'], 'eval_test.json')) as f:
     assert json.load(f) == line
   assert os.path.getsize(os.path.join(tiny_stage1['whole'], 'images', 'eval_test.png')) > 1000

@@ -19,10 +19,12 @@ from oasis_jax import checkpoints, images, metrics, ops, parallel, sampling, sta
 from oasis_jax.data import input_pipeline, tfds_oasis
 from oasis_jax.errors import UserError
 from oasis_jax.models import dcgan
-from oasis_jax.training import loop
+from oasis_jax.training import augment, loop
 
 # Fields that define the models: a resumed run must have the same ones.
 MODEL_FIELDS = ('head', 'latent_dim', 'generator_width', 'discriminator_width', 'upsample', 'minibatch_std_group')
+# What a resumed run must share with the run in its workdir.
+MUST_MATCH = MODEL_FIELDS + ('vqvae_workdir', 'stage1_model', 'batch_size', 'seed')
 
 
 class GeneratorState(train_state.TrainState):
@@ -57,6 +59,12 @@ def check_config(config, stage1_config) -> None:
     raise UserError(f'config.gumbel_temperature={config.gumbel_temperature}: expected a positive number')
   if config.r1_gamma < 0 or config.minibatch_std_group < 0:
     raise UserError('config.r1_gamma and config.minibatch_std_group: expected numbers >= 0')
+  try:
+    augment.check_policy(config.get('augment', ''))
+  except ValueError as error:
+    raise UserError(f'config.augment={config.augment!r}: {error}') from None
+  if not 0 <= config.get('augment_translation', 0.125) <= 0.5:
+    raise UserError(f'config.augment_translation={config.augment_translation}: expected a fraction in [0, 0.5]')
   if not 0 <= config.generator_ema < 1:
     raise UserError(f'config.generator_ema={config.generator_ema}: expected a value in [0, 1)')
   per_device = config.batch_size // max(jax.device_count(), 1)
@@ -114,6 +122,12 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
   # function of the global batch on 1 device or on many.
   rows = jax.lax.axis_index(parallel.AXIS) * batch + jnp.arange(batch)
   d_key, g_key = jax.random.split(key)
+  policy = augment.check_policy(config.get('augment', ''))
+  augment_key = jax.random.fold_in(key, 7)   # leaves d_key and g_key as they are without augmentation
+
+  def seen(embeddings, use):   # what the discriminator sees: DiffAugment's transforms, the same for real and fake
+    return augment.augment(embeddings, jax.random.fold_in(augment_key, use), rows, policy,
+                           config.get('augment_translation', 0.125))
 
   def generate(g_params, key):
     z_key, gumbel_key = jax.random.split(key)
@@ -124,8 +138,8 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
     fake, codes, penalty = generated_codes(outputs, codebook, config, gumbel)
     return fake, codes, penalty, updates['batch_stats']
 
-  fake = generate(g_state.params, d_key)[0]
-  real = jnp.take(codebook, real_codes, axis=0)   # = one_hot(real codes) @ codebook
+  fake = seen(generate(g_state.params, d_key)[0], 0)
+  real = seen(jnp.take(codebook, real_codes, axis=0), 1)   # = one_hot(real codes) @ codebook
 
   def d_loss_fn(d_params):
     apply = lambda x: discriminator.apply({'params': d_params}, x)
@@ -143,7 +157,7 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
 
   def g_loss_fn(g_params):
     fake, codes, penalty, batch_stats = generate(g_params, g_key)
-    loss = generator_loss(discriminator.apply({'params': d_state.params}, fake), config.loss)
+    loss = generator_loss(discriminator.apply({'params': d_state.params}, seen(fake, 2)), config.loss)
     return loss + penalty, (loss, batch_stats, codes)
 
   (_, (g_loss, batch_stats, codes)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_state.params)
@@ -163,12 +177,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains stage 2 in workdir (resuming from its latest checkpoint); returns the last train-metrics summary."""
   phases = timing.Phases()
   with phases('setup'):
-    stage1_model, stage1_variables, stage1_config = stage1.load(config.vqvae_workdir)
-  config = resolve_data(config, stage1_config)
-  check_config(config, stage1_config)
+    stage1_run = stage1.load(config.vqvae_workdir)
+  config = resolve_data(config, stage1_run[2])
+  check_config(config, stage1_run[2])
+  checkpoints.check_resumable(workdir, config, checkpoints.STAGE2, MUST_MATCH)
+  with checkpoints.lock(workdir):   # a second run on the workdir stops here, before it writes anything
+    checkpoints.write_config(workdir, config, checkpoints.STAGE2, MUST_MATCH)
+    return _train(config, workdir, stage1_run, phases)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stage1_run, phases: timing.Phases) -> dict:
+  stage1_model, stage1_variables, stage1_config = stage1_run
   sharding = input_pipeline.current_sharding(config.batch_size, stage1_config.image_size)
-  checkpoints.write_config(workdir, config, checkpoints.STAGE2,
-                           must_match=MODEL_FIELDS + ('vqvae_workdir', 'stage1_model', 'batch_size', 'seed'))
   with phases('data'):
     builder = parallel.main_process_first(
         lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))

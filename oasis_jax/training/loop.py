@@ -1,18 +1,21 @@
 """The training loop both stages share: resume from the latest checkpoint, run pmapped calls of train steps, log,
-evaluate and checkpoint on a cadence, stop on a non-finite metric, and close the checkpoint store and logs however
-the run ends.
+evaluate and checkpoint on a cadence, stop on a non-finite metric, save and stop on SIGTERM or SIGINT (a preempted
+cloud VM's notice, Ctrl-C), and close the checkpoint store and logs however the run ends.
 
 A stage supplies its initial state, a checkpointable data iterator, `run_steps` (one compiled call over a range of
 steps) and `evaluate`; `train` does the rest.
 """
+import contextlib
 import dataclasses
+import signal
+import threading
 from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 
 from oasis_jax import checkpoints, images, parallel, timing
-from oasis_jax.errors import UserError
+from oasis_jax.errors import Stopped, UserError
 from oasis_jax.training import progress
 
 
@@ -36,6 +39,9 @@ class Cadence:
     return min(self.steps_per_call, total_steps - first + 1)
 
 
+PENDING_METRICS = 'oasis_jax_pending_metrics'   # in a checkpoint taken between reports: the metrics not yet logged
+
+
 class Evaluation(NamedTuple):
   """What a stage's `evaluate(step, p_state)` returns."""
   metrics: dict            # logged with the prefix 'validate'
@@ -43,6 +49,39 @@ class Evaluation(NamedTuple):
   picture: np.ndarray      # a uint8 image grid, for TensorBoard and WORKDIR/images/
   picture_tag: str         # its TensorBoard tag
   picture_file: str        # its file name under WORKDIR/images/
+
+
+class StopSignals:
+  """While active, SIGTERM and SIGINT only set a flag; `requested(step)` says whether to save and stop after that
+  step. Several processes agree on the step through JAX's preemption service (it handles SIGTERM itself)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = None
+
+  @contextlib.contextmanager
+  def active(self):
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    previous = {number: signal.signal(number, self._receive) for number in self.SIGNALS}
+    try:
+      yield self
+    finally:
+      for number, handler in previous.items():
+        signal.signal(number, handler)
+
+  def _receive(self, number, frame):
+    del frame
+    self.received = number
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = signal.SIGTERM
+    return self.received is not None
 
 
 def train(name: str, workdir: str, state: Any, iterator, total_steps: int, cadence: Cadence, best_metric: str,
@@ -63,11 +102,14 @@ def train(name: str, workdir: str, state: Any, iterator, total_steps: int, caden
   phases = phases or timing.Phases()
   store = checkpoints.Checkpoints(workdir, best_metric=best_metric)
   log = None
+  stack = contextlib.ExitStack()
   try:
+    history = progress.History()
     with phases('setup'):
       restored = store.restore_latest(jax.device_get(state))
       if restored is not None:
         state, data_state = restored
+        history.set_state(data_state.pop(PENDING_METRICS, []))
         iterator.set_state(data_state)
         print(f'[{name}] resuming {workdir} from step {_step(state)}', flush=True)
       step = _step(state)
@@ -75,9 +117,9 @@ def train(name: str, workdir: str, state: Any, iterator, total_steps: int, caden
       log = progress.Progress(workdir, total_steps, step, name)
     if describe:
       print(f'[{name}] {describe}', flush=True)
-    history = progress.History()
     summary, validation = {}, {}
     compiled = False
+    stop = stack.enter_context(StopSignals().active())
     while step < total_steps:
       first, step = step + 1, step + cadence.steps_in_call(step + 1, total_steps)
       with phases('train' if compiled else 'compile'):
@@ -106,8 +148,15 @@ def train(name: str, workdir: str, state: Any, iterator, total_steps: int, caden
       if do_save:
         with phases('checkpoint'):
           store.save(step, parallel.unreplicate(p_state), iterator.get_state(), evaluation and evaluation.best)
+      if stop.requested(step) and step < total_steps:   # the store's close (finally) finishes the save
+        if not do_save:
+          with phases('checkpoint'):
+            store.save(step, parallel.unreplicate(p_state), {**iterator.get_state(), PENDING_METRICS: history.state()})
+        raise Stopped(f'[{name}] stopped by {signal.Signals(stop.received).name} at step {step}: a complete '
+                      f'checkpoint is saved in {workdir}; run the same command to resume', stop.received)
     return summary, validation
   finally:
+    stack.close()
     with phases('checkpoint'):
       store.close()
     if log is not None:

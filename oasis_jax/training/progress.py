@@ -86,6 +86,16 @@ class History:
   def append(self, step_metrics) -> None:
     self.steps.append(step_metrics)
 
+  def state(self) -> list:
+    """The metrics not yet summarised, as JSON-able lists (with their dtypes), for a checkpoint taken between
+    reports: a resumed run then reports the same means as an uninterrupted one."""
+    return [{key: {'dtype': str(np.asarray(value[0]).dtype), 'values': np.ravel(value[0]).tolist()}
+             for key, value in entry.items()} for entry in jax.device_get(self.steps)]
+
+  def set_state(self, state: list) -> None:
+    self.steps = [{key: np.asarray(value['values'], value['dtype'])[None] for key, value in entry.items()}
+                  for entry in state]
+
   def summary(self) -> dict:
     """Mean of each metric since the last summary (non-finite values stay as they are, for the caller to check)."""
     fetched = jax.device_get(self.steps)

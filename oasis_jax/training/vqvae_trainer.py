@@ -19,6 +19,8 @@ from oasis_jax.training import loop
 MODEL_FIELDS = ('image_size', 'num_hiddens', 'num_residual_layers', 'num_residual_hiddens', 'embedding_dim',
                 'num_embeddings', 'num_downsamples', 'upsample')
 EVENT_INTERVALS = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
+# What a resumed run must share with the run in its workdir.
+MUST_MATCH = MODEL_FIELDS + ('dataset', 'batch_size', 'seed', 'lr_schedule')
 
 
 class TrainState(train_state.TrainState):
@@ -128,11 +130,16 @@ def num_steps(config, train_size: int) -> int:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains stage 1 in workdir (resuming from its latest checkpoint) and returns the last validation metrics."""
-  phases = timing.Phases()
   check_config(config)
+  checkpoints.check_resumable(workdir, config, checkpoints.STAGE1, MUST_MATCH)
+  with checkpoints.lock(workdir):   # a second run on the workdir stops here, before it writes anything
+    checkpoints.write_config(workdir, config, checkpoints.STAGE1, MUST_MATCH)
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  phases = timing.Phases()
   sharding = input_pipeline.current_sharding(config.batch_size, config.image_size)
-  checkpoints.write_config(workdir, config, checkpoints.STAGE1,
-                           must_match=MODEL_FIELDS + ('dataset', 'batch_size', 'seed', 'lr_schedule'))
   with phases('data'):
     builder = parallel.main_process_first(
         lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))

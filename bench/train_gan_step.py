@@ -23,10 +23,10 @@ from oasis_jax import parallel, sampling
 from oasis_jax.training import gan_trainer
 
 
-def pmapped_step(config, stage1):
+def pmapped_step(config, stage1, with_r1=True):
   generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
   return jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
-                                    discriminator=discriminator),
+                                    discriminator=discriminator, with_r1=with_r1),
                   axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None))
 
 
@@ -39,17 +39,20 @@ def model_flops(config, stage1, real_codes, codebook) -> float:
 
 
 def jax_runner(config, stage1, real_codes, codebook):
+  """Steps as train_gan.py runs them: with lazy R1 (config.r1_every > 1), one step in r1_every has the penalty."""
   states = gan_trainer.create_states(config, stage1, jax.random.key(0))
-  step = pmapped_step(config, stage1)
-  holder = {'states': parallel.replicate(states)}
+  steps_by_r1 = {True: pmapped_step(config, stage1), False: pmapped_step(config, stage1, with_r1=False)}
+  holder = {'states': parallel.replicate(states), 'count': 0}
   codes, key = real_codes[None], jax.random.key(1)
 
   def run(steps):
     for _ in range(steps):
+      holder['count'] += 1
+      step = steps_by_r1[holder['count'] % config.r1_every == 0]
       holder['states'], metrics = step(holder['states'], codes, key, codebook)
     jax.block_until_ready(metrics)
     return steps
-  run(1)
+  run(config.r1_every)   # compiles both forms
   return run
 
 
@@ -80,6 +83,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--sizes', default='seed,demo')
   parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--r1_every', default='1', help='Lazy R1 intervals to time (config.r1_every), e.g. 1,16.')
   parser.add_argument('--conv_impls', default='xla,auto,auto+xla_transforms',
                       help='oasis_jax variants: config.conv_impl, +xla_transforms: Winograd minus native kernels')
   args = parser.parse_args()
@@ -93,17 +97,22 @@ def main():
     real_codes = rng.integers(0, k, (config.batch_size, s, s)).astype(np.int32)
     codebook = rng.standard_normal((k, stage1.embedding_dim)).astype(np.float32)
     runners = {}
+    r1_intervals = [int(k) for k in args.r1_every.split(',')]
     for spec in args.conv_impls.split(','):   # 'auto+xla_transforms': Winograd without the native kernels
-      config.conv_impl, context = conv_variant(spec)
-      with context:
-        runners[f'oasis_jax conv {spec}'] = jax_runner(config, stage1, real_codes, codebook)   # traces here
+      for r1_every in r1_intervals:
+        config.conv_impl, context = conv_variant(spec)
+        config.r1_every = r1_every
+        name = f'oasis_jax conv {spec}' + (f' r1/{r1_every}' if len(r1_intervals) > 1 else '')
+        with context:
+          runners[name] = jax_runner(config, stage1, real_codes, codebook)   # traces here
+    config.r1_every = 1
     flops = model_flops(config, stage1, real_codes, codebook)
     for mode in ('eager', 'compiled'):
       try:
         runners[f'torch {mode}'] = torch_runner(config, stage1, real_codes, codebook, mode == 'compiled')
       except Exception as error:
         print(f'  torch {mode}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
-    steps = 2 if size == 'seed' else 5
+    steps = max(2 if size == 'seed' else 5, *r1_intervals)   # whole lazy-R1 cycles
     medians = alternating_medians({name: functools.partial(run, steps) for name, run in runners.items()},
                                   args.rounds)
     print(f'\n{size}: {s}x{s} code maps, K={k}, D={stage1.embedding_dim}, batch {config.batch_size}, widths '

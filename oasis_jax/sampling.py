@@ -3,7 +3,8 @@ map -> stage-1 decoder), `generate`, loading a trained generator (`load`) and wr
 
 Stage-2 training, evaluation and sample.py all import these; nothing here imports a trainer."""
 import os
-from typing import Any, Callable, NamedTuple
+import re
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,19 +55,24 @@ def make_sampler(generator, stage1_model, head: str):
   return jax.jit(sample)
 
 
-def generate(sampler, g_variables, stage1_variables, num: int, latent_dim: int, seed: int, batch: int = 16):
-  """`num` samples (images [num, S, S, 1], codes [num, s, s]) for a seed, in fixed-size batches (one compile)."""
+def generate_batches(sampler, g_variables, stage1_variables, num: int, latent_dim: int, seed: int,
+                     batch: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The `num` samples of a seed, batch by batch (images [<= batch, S, S, 1], codes [<= batch, s, s]): fixed-size
+  batches (one compile), memory flat in num."""
   z = np.asarray(jax.random.normal(jax.random.key(seed), (num, latent_dim)))
   noise_key = jax.random.key(seed + 1)
-  rendered, codes = [], []
   for begin in range(0, num, batch):
     rows = np.arange(begin, begin + batch)
     chunk = np.zeros((batch, latent_dim), np.float32)
     chunk[:min(batch, num - begin)] = z[begin:begin + batch]
     out, out_codes = jax.device_get(sampler(g_variables, stage1_variables, chunk, rows, noise_key))
-    rendered.append(out[:num - begin])
-    codes.append(out_codes[:num - begin])
-  return np.concatenate(rendered), np.concatenate(codes)
+    yield out[:num - begin], out_codes[:num - begin]
+
+
+def generate(sampler, g_variables, stage1_variables, num: int, latent_dim: int, seed: int, batch: int = 16):
+  """`num` samples (images [num, S, S, 1], codes [num, s, s]) for a seed, as generate_batches draws them."""
+  batches = list(generate_batches(sampler, g_variables, stage1_variables, num, latent_dim, seed, batch))
+  return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
 
 def sampling_variables(g_state) -> dict:
@@ -109,8 +115,14 @@ def load(workdir: str) -> Loaded:
                 stage1_config, config)
 
 
-def write_samples(workdir: str, outdir: str, num: int, seed: int, batch: int = 16) -> list[str]:
-  """Writes sample_0000.png ... and grid.png into outdir; the same seed gives the same images."""
+GRID_SAMPLES = 64                 # grid.png shows the first 64 samples (8 x 8)
+OUR_FILES = re.compile(r'^(sample_\d{4,}|grid)\.png$')
+
+
+def write_samples(workdir: str, outdir: str, num: int, seed: int, batch: int = 16, say=print) -> list[str]:
+  """Writes sample_0000.png ... and grid.png (the first 64) into outdir as they are drawn (memory flat in num); the
+  same seed gives the same images. Sample files an earlier run left in outdir (sample_*.png, grid.png; nothing
+  else) are removed first, and `say` reports it, so the folder holds exactly this run's samples."""
   if num <= 0:
     raise UserError(f'--num={num}: expected a positive number of samples')
   loaded = load(workdir)
@@ -121,11 +133,17 @@ def write_samples(workdir: str, outdir: str, num: int, seed: int, batch: int = 1
     os.remove(probe)
   except OSError as error:
     raise UserError(f'{outdir}: cannot write samples there ({error.strerror})') from None
-  rendered, _ = generate(loaded.sample, loaded.g_variables, loaded.stage1_variables, num, loaded.config.latent_dim,
-                         seed, batch)
-  files = []
-  for i, image in enumerate(rendered):
-    files.append(os.path.join(outdir, f'sample_{i:04d}.png'))
-    images.save_png(images.to_uint8(image), files[-1])
-  images.save_png(images.grid(rendered, columns=8), os.path.join(outdir, 'grid.png'))
+  earlier = sorted(name for name in os.listdir(outdir) if OUR_FILES.match(name))
+  if earlier:
+    for name in earlier:
+      os.remove(os.path.join(outdir, name))
+    say(f'removed {len(earlier)} earlier sample files from {outdir}')
+  files, shown = [], []
+  for rendered, _ in generate_batches(loaded.sample, loaded.g_variables, loaded.stage1_variables, num,
+                                      loaded.config.latent_dim, seed, batch):
+    for image in rendered:
+      files.append(os.path.join(outdir, f'sample_{len(files):04d}.png'))
+      images.save_png(images.to_uint8(image), files[-1])
+    shown.extend(rendered[:GRID_SAMPLES - len(shown)])
+  images.save_png(images.grid(np.stack(shown), columns=8), os.path.join(outdir, 'grid.png'))
   return files

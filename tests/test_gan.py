@@ -126,6 +126,28 @@ def test_two_device_gan_step_equals_one_device_step(overrides):
   assert int(one_metrics['codes_used'][0]) == int(two_metrics['codes_used'][0])
 
 
+def test_lazy_r1_step_is_the_r1_step_with_gamma_times_the_interval():
+  """r1_every=4: the step that applies R1 equals an every-step R1 step with gamma x 4 (hand-scaled)."""
+  stage1 = vqvae_configs.get_config('tiny')
+  results = []
+  for gamma, every in ((1.0, 4), (4.0, 1)):
+    config = gan_configs.get_config('tiny')
+    config.r1_gamma, config.r1_every = gamma, every
+    states = jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0)))
+    generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
+    step = jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
+                                      discriminator=discriminator, with_r1=True),
+                    axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=jax.local_devices()[:1])
+    real = np.asarray(jax.random.randint(jax.random.key(2), (1, 8, 16, 16), 0, 32))
+    new_states, step_metrics = step(jax.tree.map(lambda x: np.asarray(x)[None], states), real, jax.random.key(3),
+                                    jax.random.normal(jax.random.key(1), (32, 8)))
+    results.append((jax.device_get(new_states[1].params), float(step_metrics['r1'][0])))
+  (lazy, lazy_r1), (every, every_r1) = results
+  for a, b in zip(jax.tree.leaves(lazy), jax.tree.leaves(every)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert lazy_r1 == pytest.approx(4 * every_r1, rel=1e-5) and every_r1 > 0   # the metric is the scaled penalty
+
+
 @pytest.fixture(scope='module')
 def tiny_chain(tiny_stage1, tmp_path_factory, cache_dir, run_cli):
   workdir = str(tmp_path_factory.mktemp('gan') / 'run')
@@ -154,6 +176,22 @@ def test_sample_cli_writes_pngs_deterministically(tiny_chain, tmp_path, run_cli)
   assert image.mode == 'L' and image.size == (64, 64)
   np.testing.assert_array_equal(read('a', 'sample_0002.png'), read('b', 'sample_0002.png'))
   assert not np.array_equal(read('a', 'sample_0002.png'), read('c', 'sample_0002.png'))
+
+
+def test_samples_replace_an_earlier_runs_and_the_grid_shows_the_first_64(tiny_chain, tmp_path):
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'notes.txt').write_text('not ours')
+  said = []
+  sampling.write_samples(tiny_chain['gan'], str(out), 70, seed=1, say=said.append)
+  assert said == [] and len(list(out.glob('sample_*.png'))) == 70
+  grid = np.asarray(Image.open(out / 'grid.png'))
+  assert grid.shape == (8 * 66 - 2, 8 * 66 - 2)               # 64 tiles of 64x64, 2 pixels apart
+  np.testing.assert_array_equal(grid[66 * 7:66 * 7 + 64, 66 * 7:66 * 7 + 64],
+                                np.asarray(Image.open(out / 'sample_0063.png')))
+  sampling.write_samples(tiny_chain['gan'], str(out), 3, seed=2, say=said.append)
+  assert said == [f'removed 71 earlier sample files from {out}']
+  assert sorted(os.listdir(out)) == ['grid.png', 'notes.txt', 'sample_0000.png', 'sample_0001.png', 'sample_0002.png']
 
 
 def test_samples_are_decoded_by_the_restored_stage1(tiny_chain):

@@ -59,6 +59,8 @@ def check_config(config, stage1_config) -> None:
     raise UserError(f'config.gumbel_temperature={config.gumbel_temperature}: expected a positive number')
   if config.r1_gamma < 0 or config.minibatch_std_group < 0:
     raise UserError('config.r1_gamma and config.minibatch_std_group: expected numbers >= 0')
+  if config.get('r1_every', 1) < 1:
+    raise UserError(f'config.r1_every={config.r1_every}: expected a positive number of steps')
   try:
     augment.check_policy(config.get('augment', ''))
   except ValueError as error:
@@ -114,8 +116,11 @@ def generator_loss(fake_logits, kind: str):
   return optax.sigmoid_binary_cross_entropy(fake_logits, 1.0).mean()  # non-saturating: -log D(G(z))
 
 
-def train_step(states, real_codes, key, codebook, *, config, generator, discriminator):
-  """One discriminator update, then one generator update, on this device's shard of the batch."""
+def train_step(states, real_codes, key, codebook, *, config, generator, discriminator, with_r1: bool = True):
+  """One discriminator update, then one generator update, on this device's shard of the batch.
+
+  with_r1: add the R1 penalty, scaled by config.r1_every (lazy regularisation, as in StyleGAN2: the step that
+  applies it every r1_every steps stands for all of them); its metric 'r1' is that scaled penalty, 0 without."""
   g_state, d_state = states
   batch, k = real_codes.shape[0], codebook.shape[0]
   # Noise is drawn per global row (key folded with the row's index in the global batch), so a step is the same
@@ -146,9 +151,11 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
     real_logits, fake_logits = apply(real), apply(jax.lax.stop_gradient(fake))
     loss = discriminator_loss(real_logits, fake_logits, config.loss)
     r1 = 0.0
-    if config.r1_gamma > 0:   # R1 (Mescheder et al. 2018): gradient penalty on real inputs
+    if config.r1_gamma > 0 and with_r1:   # R1 (Mescheder et al. 2018): gradient penalty on real inputs
       grads = jax.grad(lambda x: apply(x).sum())(real)
       r1 = jnp.mean(jnp.sum(grads ** 2, axis=(1, 2, 3)))
+      r1_every = config.get('r1_every', 1)
+      r1 = r1 * r1_every if r1_every > 1 else r1
     return loss + config.r1_gamma / 2 * r1, (loss, r1, jax.nn.sigmoid(real_logits).mean(),
                                              jax.nn.sigmoid(fake_logits).mean())
 
@@ -206,14 +213,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage1_run, phases: 
     states = create_states(config, stage1_config, jax.random.key(config.seed))
     iterator = input_pipeline.code_map_iterator(real_maps, sharding, config.seed)
   generator, discriminator = sampling.make_models(config, stage1_config, axis_name=parallel.AXIS)
-  p_train_step = jax.pmap(
-      functools.partial(train_step, config=config, generator=generator, discriminator=discriminator),
-      axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None))
+  p_train_steps = {with_r1: jax.pmap(
+      functools.partial(train_step, config=config, generator=generator, discriminator=discriminator, with_r1=with_r1),
+      axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None)) for with_r1 in (True, False)}
   sampler = sampling.make_sampler(sampling.make_models(config, stage1_config)[0], stage1_model, config.head)
   base_key = jax.random.key(config.seed + 1)
 
   def run_steps(p_states, step, last):
     assert step == last, 'stage 2 runs one step per call'
+    p_train_step = p_train_steps[step % config.get('r1_every', 1) == 0]
     return p_train_step(p_states, next(iterator), jax.random.fold_in(base_key, step), codebook)
 
   def evaluate(step, p_states):

@@ -10,6 +10,7 @@ flags.DEFINE_integer('num', 64, 'How many samples to write.')
 flags.DEFINE_string('workdir', 'runs/demo/gan', 'The stage-2 (train_gan.py) workdir.')
 flags.DEFINE_string('outdir', None, 'Where the PNGs go (default: WORKDIR/samples).')
 flags.DEFINE_integer('seed', 0, 'Random seed: the same seed gives the same images.')
+flags.DEFINE_string('vqvae_workdir', '', 'The stage-1 workdir to decode with (default: the one the run recorded).')
 
 
 @cli.run
@@ -20,7 +21,7 @@ def main(argv):
   phases = timing.Phases()
   outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, 'samples')
   with phases('sample'):
-    files = sampling.write_samples(FLAGS.workdir, outdir, FLAGS.num, FLAGS.seed)
+    files = sampling.write_samples(FLAGS.workdir, outdir, FLAGS.num, FLAGS.seed, vqvae_workdir=FLAGS.vqvae_workdir)
   phases.write(FLAGS.workdir, 'sample')
   print(f'wrote {len(files)} samples and grid.png to {outdir}', flush=True)
 

@@ -51,9 +51,14 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict, stage: str,
     if saved_stage != stage:
       raise UserError(f'{workdir}: holds a {saved_stage} run, not a {stage} run: use another --workdir')
     for field in must_match:
-      if field in saved and saved[field] != config[field]:
+      if field in saved and _comparable(field, saved[field]) != _comparable(field, config[field]):
         raise UserError(f'config.{field}={config[field]!r} differs from {saved[field]!r} of the run in {workdir}: '
                         'use another --workdir to start a new run')
+
+
+def _comparable(field: str, value):
+  """Workdir paths compare as absolute paths (runs saved before they were stored absolute hold relative ones)."""
+  return os.path.abspath(value) if field.endswith('_workdir') and isinstance(value, str) else value
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict, stage: str,

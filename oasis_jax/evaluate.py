@@ -17,6 +17,7 @@ flags.DEFINE_enum('split', 'test', ['train', 'validate', 'test'], 'Which split t
 flags.DEFINE_integer('batch_size', 16, 'Evaluation batch size (a multiple of the device count).')
 flags.DEFINE_enum('stage', None, ['vqvae', 'gan'], 'The stage the workdir holds (default: read from its config).')
 flags.DEFINE_integer('seed', 0, 'Stage 2: the seed of the evaluated samples.')
+flags.DEFINE_string('vqvae_workdir', '', 'Stage 2: decode with this stage-1 workdir (default: the recorded one).')
 flags.DEFINE_integer('c2st_images', 1024, 'The classifier two-sample test uses up to this many training slices per set.')
 
 
@@ -39,7 +40,8 @@ def main(argv):
     if stage == checkpoints.STAGE1:
       result = evaluation.evaluate_vqvae(workdir, FLAGS.split, FLAGS.batch_size, FLAGS.c2st_images)
     else:
-      result = evaluation.evaluate_gan(workdir, FLAGS.split, FLAGS.batch_size, FLAGS.seed, FLAGS.c2st_images)
+      result = evaluation.evaluate_gan(workdir, FLAGS.split, FLAGS.batch_size, FLAGS.seed, FLAGS.c2st_images,
+                                       FLAGS.vqvae_workdir)
   phases.write(workdir, f'evaluate --split={FLAGS.split}')
   print(json.dumps(result), flush=True)
   sys.stdout.flush()

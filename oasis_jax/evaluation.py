@@ -65,8 +65,9 @@ def evaluate_vqvae(workdir: str, split: str, batch_size: int, c2st_images: int =
   return result
 
 
-def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int, c2st_images: int = C2ST_IMAGES) -> dict:
-  loaded = sampling.load(workdir)
+def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int, c2st_images: int = C2ST_IMAGES,
+                 vqvae_workdir: str = '') -> dict:
+  loaded = sampling.load(workdir, vqvae_workdir)
   stage1_model, stage1_variables, stage1_config, config = (loaded.stage1_model, loaded.stage1_variables,
                                                            loaded.stage1_config, loaded.config)
   builder = tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir)

@@ -98,13 +98,19 @@ class Loaded(NamedTuple):
   config: ml_collections.ConfigDict   # the stage-2 run's
 
 
-def load(workdir: str) -> Loaded:
-  """A stage-2 run from its best checkpoint (lowest validation SWD), else its latest, and its stage 1."""
+def load(workdir: str, vqvae_workdir: str = '') -> Loaded:
+  """A stage-2 run from its best checkpoint (lowest validation SWD), else its latest, and its stage 1: the
+  workdir the run recorded, or `vqvae_workdir` (e.g. the same run moved elsewhere)."""
   if not os.path.isdir(checkpoints.path(workdir)):
     raise UserError(f'{workdir}: stage-2 workdir does not exist (train it with train_gan.py, or pass --workdir)')
   stage, config = checkpoints.read_config(workdir)
   if stage != checkpoints.STAGE2:
     raise UserError(f'{workdir}: holds a {stage} run, expected a stage-2 ({checkpoints.STAGE2}) workdir')
+  if vqvae_workdir:
+    config.vqvae_workdir = vqvae_workdir
+  elif not os.path.isdir(config.vqvae_workdir):
+    raise UserError(f'{config.vqvae_workdir}: the stage-1 workdir this stage-2 run was trained on does not exist '
+                    f'(a relative path is read from the current directory): pass --vqvae_workdir=DIR')
   stage1_model, stage1_variables, stage1_config = stage1.load(config.vqvae_workdir)
   check_stage1_unchanged(config, stage1_config)
   state, _ = checkpoints.restore_raw(checkpoints.best_or_latest(workdir), 'stage-2')
@@ -119,13 +125,14 @@ GRID_SAMPLES = 64                 # grid.png shows the first 64 samples (8 x 8)
 OUR_FILES = re.compile(r'^(sample_\d{4,}|grid)\.png$')
 
 
-def write_samples(workdir: str, outdir: str, num: int, seed: int, batch: int = 16, say=print) -> list[str]:
+def write_samples(workdir: str, outdir: str, num: int, seed: int, batch: int = 16, say=print,
+                  vqvae_workdir: str = '') -> list[str]:
   """Writes sample_0000.png ... and grid.png (the first 64) into outdir as they are drawn (memory flat in num); the
   same seed gives the same images. Sample files an earlier run left in outdir (sample_*.png, grid.png; nothing
   else) are removed first, and `say` reports it, so the folder holds exactly this run's samples."""
   if num <= 0:
     raise UserError(f'--num={num}: expected a positive number of samples')
-  loaded = load(workdir)
+  loaded = load(workdir, vqvae_workdir)
   try:
     os.makedirs(outdir, exist_ok=True)
     probe = os.path.join(outdir, '.write_test')

@@ -262,3 +262,15 @@ def test_batch_size_must_divide_over_devices():
     input_pipeline.Sharding(5, local_devices=2)
   with pytest.raises(UserError, match=r'config.image_size=100: expected a divisor of 256'):
     input_pipeline.Sharding(4, local_devices=2, image_size=100)
+
+
+def test_a_data_dir_without_its_dataset_and_an_unusable_cache_dir_are_one_line(tmp_path, oasis_png_dir):
+  with pytest.raises(UserError, match=r"^config.data_dir='\S+' is set, but config.dataset=demo reads no directory: "
+                                      r'add --config.dataset=oasis_png \(keras_png_slices_\* folders\) or '
+                                      r'--config.dataset=oasis_volumes$'):
+    tfds_oasis.prepare('demo', oasis_png_dir, str(tmp_path / 'cache'))
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  with pytest.raises(UserError, match=rf'^{a_file}/cache: cannot hold the prepared dataset \(Not a directory; '
+                                      r'config.cache_dir or \$OASIS_JAX_CACHE\)$'):
+    tfds_oasis.prepare('oasis_png', oasis_png_dir, str(a_file / 'cache'))

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -192,6 +193,25 @@ def test_samples_replace_an_earlier_runs_and_the_grid_shows_the_first_64(tiny_ch
   sampling.write_samples(tiny_chain['gan'], str(out), 3, seed=2, say=said.append)
   assert said == [f'removed 71 earlier sample files from {out}']
   assert sorted(os.listdir(out)) == ['grid.png', 'notes.txt', 'sample_0000.png', 'sample_0001.png', 'sample_0002.png']
+
+
+def test_stage1_path_is_stored_absolute_and_an_old_relative_one_can_be_overridden(tiny_chain, tmp_path, monkeypatch):
+  _, config = checkpoints.read_config(tiny_chain['gan'])
+  assert os.path.isabs(config.vqvae_workdir)
+  shutil.copytree(tiny_chain['gan'], tmp_path / 'gan')
+  shutil.copytree(tiny_chain['stage1'], tmp_path / 'stage1')
+  with open(tmp_path / 'gan' / 'config.json') as f:
+    saved = json.load(f)
+  saved['config']['vqvae_workdir'] = 'stage1'        # as runs stored it before: relative to where they were trained
+  with open(tmp_path / 'gan' / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  monkeypatch.chdir(tmp_path / 'gan')                 # another directory
+  with pytest.raises(UserError, match=r'^stage1: the stage-1 workdir this stage-2 run was trained on does not exist '
+                                      r'\(a relative path is read from the current directory\): pass '
+                                      r'--vqvae_workdir=DIR$'):
+    sampling.load(str(tmp_path / 'gan'))
+  loaded = sampling.load(str(tmp_path / 'gan'), vqvae_workdir=str(tmp_path / 'stage1'))
+  assert loaded.stage1_config.num_embeddings == 32
 
 
 def test_samples_are_decoded_by_the_restored_stage1(tiny_chain):

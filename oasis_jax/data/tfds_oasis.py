@@ -109,8 +109,16 @@ def prepare(dataset: str, data_dir: str = '', cache_dir: str = '') -> OasisSlice
   """The prepared builder for `dataset` (preparing it on first use); `builder.as_data_source(split)` reads it."""
   if dataset not in DATASETS:
     raise UserError(f'config.dataset={dataset!r}: expected one of {", ".join(DATASETS)}')
+  if dataset == 'demo' and data_dir:
+    raise UserError(f'config.data_dir={data_dir!r} is set, but config.dataset=demo reads no directory: add '
+                    '--config.dataset=oasis_png (keras_png_slices_* folders) or --config.dataset=oasis_volumes')
   fingerprint = _check_source(dataset, data_dir)
   tfds_dir = os.path.join(cache_dir or default_cache_dir(), 'tfds', f'{dataset}-{fingerprint}')
+  try:
+    os.makedirs(tfds_dir, exist_ok=True)
+  except OSError as error:
+    raise UserError(f'{cache_dir or default_cache_dir()}: cannot hold the prepared dataset ({error.strerror}; '
+                    'config.cache_dir or $OASIS_JAX_CACHE)') from None
   with _without_variant_warnings():
     builder = OasisSlices(config=dataset, data_dir=tfds_dir, file_format='array_record')
     if not builder.is_prepared():

@@ -7,6 +7,7 @@ rendered and scored against validation slices (sliced Wasserstein distance, MS-S
 the checkpoint with the lowest SWD, which sample.py and evaluate use.
 """
 import functools
+import os
 from typing import Any
 
 import jax
@@ -33,9 +34,11 @@ class GeneratorState(train_state.TrainState):
 
 
 def resolve_data(config, stage1_config) -> ml_collections.ConfigDict:
-  """Empty dataset/data_dir/cache_dir fields take the stage-1 run's; `stage1_model` records the stage-1 model
-  fields, so that a stage-1 run retrained differently later is caught instead of decoding nonsense."""
+  """Empty dataset/data_dir/cache_dir fields take the stage-1 run's; vqvae_workdir becomes absolute (sample.py and
+  evaluate read it from any directory); `stage1_model` records the stage-1 model fields, so that a stage-1 run
+  retrained differently later is caught instead of decoding nonsense."""
   config = ml_collections.ConfigDict(config.to_dict())
+  config.vqvae_workdir = os.path.abspath(config.vqvae_workdir)
   for field in ('dataset', 'data_dir', 'cache_dir'):
     if not config[field]:
       config[field] = stage1_config[field]

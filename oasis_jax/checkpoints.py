@@ -2,6 +2,7 @@
 
     WORKDIR/config.json          {"stage": "vqvae" | "gan", "config": {...}}: the run's ConfigDict
     WORKDIR/lock                 held (flock) by the training run using the workdir; names its PID and host
+    WORKDIR/stage1/              stage 2 only: the stage-1 run it was trained on, copied (stage1.pin)
     WORKDIR/checkpoints/<step>/  latest checkpoints (orbax, atomic): train state + data iterator state
     WORKDIR/best/<step>/         the best checkpoint by a validation metric (stage 1: config.best_metric, PSNR)
     WORKDIR/tensorboard/         TensorBoard event files
@@ -157,14 +158,26 @@ def restore_raw(directory: str, what: str):
   return restored['state'], step
 
 
+def latest_complete_step(directory: str):
+  """The newest complete checkpoint step in directory, or None (also when there is no such directory)."""
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step()
+  manager.close()
+  return step
+
+
+def save_raw(directory: str, step: int, state) -> None:
+  """Saves a tree of arrays as the `state` item of checkpoint `step` in directory (what restore_raw reads)."""
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  manager.wait_until_finished()
+  manager.close()
+
+
 def best_or_latest(workdir: str) -> str:
   """WORKDIR/best when it holds a complete checkpoint, else WORKDIR/checkpoints."""
   directory = path(workdir, 'best')
-  if os.path.isdir(directory):
-    manager = ocp.CheckpointManager(directory)
-    step = manager.latest_step()
-    manager.close()
-    if step is not None:
-      return directory
-  return path(workdir, 'checkpoints')
+  return directory if latest_complete_step(directory) is not None else path(workdir, 'checkpoints')
 

@@ -99,15 +99,19 @@ class Loaded(NamedTuple):
 
 
 def load(workdir: str, vqvae_workdir: str = '') -> Loaded:
-  """A stage-2 run from its best checkpoint (lowest validation SWD), else its latest, and its stage 1: the
-  workdir the run recorded, or `vqvae_workdir` (e.g. the same run moved elsewhere)."""
+  """A stage-2 run from its best checkpoint (lowest validation SWD), else its latest, and its stage 1: the copy in
+  WORKDIR/stage1 of the checkpoint it was trained on, for runs older than that copy the stage-1 workdir they
+  recorded, or `vqvae_workdir` where given."""
   if not os.path.isdir(checkpoints.path(workdir)):
     raise UserError(f'{workdir}: stage-2 workdir does not exist (train it with train_gan.py, or pass --workdir)')
   stage, config = checkpoints.read_config(workdir)
   if stage != checkpoints.STAGE2:
     raise UserError(f'{workdir}: holds a {stage} run, expected a stage-2 ({checkpoints.STAGE2}) workdir')
+  pinned = checkpoints.path(workdir, stage1.PINNED)
   if vqvae_workdir:
     config.vqvae_workdir = vqvae_workdir
+  elif os.path.exists(os.path.join(pinned, checkpoints.CONFIG_FILE)):
+    config.vqvae_workdir = pinned     # the copy of the stage 1 it was trained on (stage1.pin)
   elif not os.path.isdir(config.vqvae_workdir):
     raise UserError(f'{config.vqvae_workdir}: the stage-1 workdir this stage-2 run was trained on does not exist '
                     f'(a relative path is read from the current directory): pass --vqvae_workdir=DIR')

@@ -12,6 +12,8 @@ from oasis_jax.data import input_pipeline
 from oasis_jax.errors import UserError
 from oasis_jax.models import vqvae
 
+PINNED = 'stage1'   # WORKDIR/stage1 of a stage-2 run: the stage 1 it was trained on (see `pin`)
+
 
 def model_from_config(config) -> vqvae.VQVAE:
   """The stage-1 model of a config, with the convolution and arg-min forms `ops.layers` picks for this backend."""
@@ -27,6 +29,20 @@ def load(workdir: str):
     raise UserError(f'{workdir}: holds a {stage} run, expected a stage-1 ({checkpoints.STAGE1}) workdir')
   state, _ = checkpoints.restore_raw(checkpoints.best_or_latest(workdir), 'stage-1')
   return model_from_config(config), {'params': state['params'], vqvae.VQ: state[vqvae.VQ]}, config
+
+
+def pin(workdir: str, stage1_workdir: str) -> str:
+  """WORKDIR/stage1: the stage-1 checkpoint a stage-2 run is trained on (best, else latest, of stage1_workdir), copied
+  once, with its config, as a stage-1 workdir of its own. Resuming, sampling and evaluating read the copy, so stage 1
+  can be trained further or retrained without changing what stage 2 decodes with. Returns its path."""
+  pinned = checkpoints.path(workdir, PINNED)
+  if checkpoints.latest_complete_step(checkpoints.path(pinned, 'checkpoints')) is None:
+    stage, config = checkpoints.read_config(stage1_workdir)
+    state, step = checkpoints.restore_raw(checkpoints.best_or_latest(stage1_workdir), 'stage-1')
+    checkpoints.write_config(pinned, config, stage)
+    checkpoints.save_raw(checkpoints.path(pinned, 'checkpoints'), step,
+                         {'params': state['params'], vqvae.VQ: state[vqvae.VQ]})
+  return pinned
 
 
 def encode_split(model: vqvae.VQVAE, variables, source, image_size: int, batch_size: int = 32) -> np.ndarray:

@@ -205,6 +205,7 @@ def test_stage1_path_is_stored_absolute_and_an_old_relative_one_can_be_overridde
   saved['config']['vqvae_workdir'] = 'stage1'        # as runs stored it before: relative to where they were trained
   with open(tmp_path / 'gan' / 'config.json', 'w') as f:
     json.dump(saved, f)
+  shutil.rmtree(tmp_path / 'gan' / 'stage1')          # and before they kept a copy of their stage 1
   monkeypatch.chdir(tmp_path / 'gan')                 # another directory
   with pytest.raises(UserError, match=r'^stage1: the stage-1 workdir this stage-2 run was trained on does not exist '
                                       r'\(a relative path is read from the current directory\): pass '
@@ -212,6 +213,33 @@ def test_stage1_path_is_stored_absolute_and_an_old_relative_one_can_be_overridde
     sampling.load(str(tmp_path / 'gan'))
   loaded = sampling.load(str(tmp_path / 'gan'), vqvae_workdir=str(tmp_path / 'stage1'))
   assert loaded.stage1_config.num_embeddings == 32
+
+
+def test_stage2_keeps_decoding_with_the_stage1_it_was_trained_on(tiny_chain, tmp_path):
+  """Stage 1 retrained in its workdir after stage 2 (here: its config now says K=16) changes nothing for stage 2,
+  which decodes with its copy in WORKDIR/stage1."""
+  shutil.copytree(tiny_chain['gan'], tmp_path / 'gan')
+  shutil.copytree(tiny_chain['stage1'], tmp_path / 'stage1')
+  with open(tmp_path / 'gan' / 'config.json') as f:
+    saved = json.load(f)
+  saved['config']['vqvae_workdir'] = str(tmp_path / 'stage1')
+  with open(tmp_path / 'gan' / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  with open(tmp_path / 'stage1' / 'config.json') as f:
+    saved = json.load(f)
+  saved['config']['num_embeddings'] = 16
+  with open(tmp_path / 'stage1' / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  np.testing.assert_array_equal(_draw(sampling.load(tiny_chain['gan'])), _draw(sampling.load(str(tmp_path / 'gan'))))
+  pinned, _ = checkpoints.restore_raw(os.path.join(tiny_chain['gan'], 'stage1', 'checkpoints'), 'pinned')
+  best, _ = checkpoints.restore_raw(os.path.join(tiny_chain['stage1'], 'best'), 'stage-1')
+  for a, b in zip(jax.tree.leaves(pinned), jax.tree.leaves({'params': best['params'], 'vq': best['vq']})):
+    np.testing.assert_array_equal(a, b)   # the copy is the checkpoint stage 2 was trained on
+
+
+def _draw(loaded, num: int = 3, seed: int = 7):
+  return sampling.generate(loaded.sample, loaded.g_variables, loaded.stage1_variables, num, loaded.config.latent_dim,
+                           seed)[0]
 
 
 def test_samples_are_decoded_by_the_restored_stage1(tiny_chain):

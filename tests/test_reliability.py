@@ -102,7 +102,7 @@ MATRIX = [
      r'\S+: stage-1 code maps are 4x4; the DCGAN needs a power of two >= 8'),
     ('stage-1 swapped under a GAN', lambda tmp, w: _train_gan(w['gan'], tmp / 'other_stage1'),
      r'config.vqvae_workdir=\S+ differs from \S+ of the run in \S+: use another --workdir to start a new run'),
-    ('stage-1 retrained under a GAN', lambda tmp, w: _sample(tmp / 'gan_copy', tmp / 's'),
+    ('stage-1 retrained under an old GAN (no copy of its stage 1)', lambda tmp, w: _sample(tmp / 'gan_copy', tmp / 's'),
      r'\S+: stage-1 num_embeddings=16, but this stage-2 run was trained with 32: train stage 2 again in '
      r'another --workdir'),
     ('stage-2 model changed', lambda tmp, w: _train_gan(w['gan'], w['vqvae'], generator_width=4),
@@ -122,8 +122,9 @@ MATRIX = [
 def test_bad_input_matrix(case, call, message, workdirs, tmp_path):
   if case == 'stage-1 swapped under a GAN':
     shutil.copytree(workdirs['vqvae'], tmp_path / 'other_stage1')
-  if case == 'stage-1 retrained under a GAN':   # a copy of the GAN whose stage-1 config now says K=16
+  if case.startswith('stage-1 retrained under'):   # a copy of the GAN whose stage-1 config now says K=16
     shutil.copytree(workdirs['gan'], tmp_path / 'gan_copy')
+    shutil.rmtree(tmp_path / 'gan_copy' / 'stage1')   # as runs made before stage 2 kept a copy of its stage 1
     shutil.copytree(workdirs['vqvae'], tmp_path / 'stage1_copy')
     with open(tmp_path / 'gan_copy' / 'config.json') as f:
       saved = json.load(f)

@@ -193,6 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoints.check_resumable(workdir, config, checkpoints.STAGE2, MUST_MATCH)
   with checkpoints.lock(workdir):   # a second run on the workdir stops here, before it writes anything
     checkpoints.write_config(workdir, config, checkpoints.STAGE2, MUST_MATCH)
+    with phases('setup'):   # trains (and resumes) on the stage 1 it first saw, whatever happens to that workdir later
+      stage1_run = stage1.load(stage1.pin(workdir, config.vqvae_workdir))
     return _train(config, workdir, stage1_run, phases)
 
 

@@ -4,6 +4,7 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -40,6 +41,22 @@ def run_cli():
   """run_cli('train_vqvae.py', '--flag', ..., check=True): runs a real CLI of the project in a fresh Python process
   from the repository root; returns the CompletedProcess (stdout, stderr, returncode)."""
   return _run_cli
+
+
+def _edit_saved_config(workdir, **fields):
+  """Changes fields of the config a training run saved in WORKDIR/config.json (to model a run made otherwise)."""
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    saved = json.load(f)
+  saved['config'].update(fields)
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+
+
+@pytest.fixture(scope='session')
+def edit_saved_config():
+  """edit_saved_config(workdir, field=value, ...): rewrites those fields of WORKDIR/config.json."""
+  return _edit_saved_config
 
 
 @pytest.fixture(scope='session')

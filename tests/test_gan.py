@@ -195,16 +195,13 @@ def test_samples_replace_an_earlier_runs_and_the_grid_shows_the_first_64(tiny_ch
   assert sorted(os.listdir(out)) == ['grid.png', 'notes.txt', 'sample_0000.png', 'sample_0001.png', 'sample_0002.png']
 
 
-def test_stage1_path_is_stored_absolute_and_an_old_relative_one_can_be_overridden(tiny_chain, tmp_path, monkeypatch):
+def test_stage1_path_is_stored_absolute_and_an_old_relative_one_can_be_overridden(tiny_chain, tmp_path, monkeypatch,
+                                                                                   edit_saved_config):
   _, config = checkpoints.read_config(tiny_chain['gan'])
   assert os.path.isabs(config.vqvae_workdir)
   shutil.copytree(tiny_chain['gan'], tmp_path / 'gan')
   shutil.copytree(tiny_chain['stage1'], tmp_path / 'stage1')
-  with open(tmp_path / 'gan' / 'config.json') as f:
-    saved = json.load(f)
-  saved['config']['vqvae_workdir'] = 'stage1'        # as runs stored it before: relative to where they were trained
-  with open(tmp_path / 'gan' / 'config.json', 'w') as f:
-    json.dump(saved, f)
+  edit_saved_config(tmp_path / 'gan', vqvae_workdir='stage1')   # as runs stored it before: relative
   shutil.rmtree(tmp_path / 'gan' / 'stage1')          # and before they kept a copy of their stage 1
   monkeypatch.chdir(tmp_path / 'gan')                 # another directory
   with pytest.raises(UserError, match=r'^stage1: the stage-1 workdir this stage-2 run was trained on does not exist '
@@ -215,21 +212,13 @@ def test_stage1_path_is_stored_absolute_and_an_old_relative_one_can_be_overridde
   assert loaded.stage1_config.num_embeddings == 32
 
 
-def test_stage2_keeps_decoding_with_the_stage1_it_was_trained_on(tiny_chain, tmp_path):
+def test_stage2_keeps_decoding_with_the_stage1_it_was_trained_on(tiny_chain, tmp_path, edit_saved_config):
   """Stage 1 retrained in its workdir after stage 2 (here: its config now says K=16) changes nothing for stage 2,
   which decodes with its copy in WORKDIR/stage1."""
   shutil.copytree(tiny_chain['gan'], tmp_path / 'gan')
   shutil.copytree(tiny_chain['stage1'], tmp_path / 'stage1')
-  with open(tmp_path / 'gan' / 'config.json') as f:
-    saved = json.load(f)
-  saved['config']['vqvae_workdir'] = str(tmp_path / 'stage1')
-  with open(tmp_path / 'gan' / 'config.json', 'w') as f:
-    json.dump(saved, f)
-  with open(tmp_path / 'stage1' / 'config.json') as f:
-    saved = json.load(f)
-  saved['config']['num_embeddings'] = 16
-  with open(tmp_path / 'stage1' / 'config.json', 'w') as f:
-    json.dump(saved, f)
+  edit_saved_config(tmp_path / 'gan', vqvae_workdir=str(tmp_path / 'stage1'))
+  edit_saved_config(tmp_path / 'stage1', num_embeddings=16)
   np.testing.assert_array_equal(_draw(sampling.load(tiny_chain['gan'])), _draw(sampling.load(str(tmp_path / 'gan'))))
   pinned, _ = checkpoints.restore_raw(os.path.join(tiny_chain['gan'], 'stage1', 'checkpoints'), 'pinned')
   best, _ = checkpoints.restore_raw(os.path.join(tiny_chain['stage1'], 'best'), 'stage-1')

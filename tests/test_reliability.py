@@ -119,23 +119,15 @@ MATRIX = [
 
 
 @pytest.mark.parametrize('case, call, message', MATRIX, ids=[case for case, _, _ in MATRIX])
-def test_bad_input_matrix(case, call, message, workdirs, tmp_path):
+def test_bad_input_matrix(case, call, message, workdirs, tmp_path, edit_saved_config):
   if case == 'stage-1 swapped under a GAN':
     shutil.copytree(workdirs['vqvae'], tmp_path / 'other_stage1')
   if case.startswith('stage-1 retrained under'):   # a copy of the GAN whose stage-1 config now says K=16
     shutil.copytree(workdirs['gan'], tmp_path / 'gan_copy')
     shutil.rmtree(tmp_path / 'gan_copy' / 'stage1')   # as runs made before stage 2 kept a copy of its stage 1
     shutil.copytree(workdirs['vqvae'], tmp_path / 'stage1_copy')
-    with open(tmp_path / 'gan_copy' / 'config.json') as f:
-      saved = json.load(f)
-    saved['config']['vqvae_workdir'] = str(tmp_path / 'stage1_copy')
-    with open(tmp_path / 'gan_copy' / 'config.json', 'w') as f:
-      json.dump(saved, f)
-    with open(tmp_path / 'stage1_copy' / 'config.json') as f:
-      saved = json.load(f)
-    saved['config']['num_embeddings'] = 16
-    with open(tmp_path / 'stage1_copy' / 'config.json', 'w') as f:
-      json.dump(saved, f)
+    edit_saved_config(tmp_path / 'gan_copy', vqvae_workdir=str(tmp_path / 'stage1_copy'))
+    edit_saved_config(tmp_path / 'stage1_copy', num_embeddings=16)
   before = {name: _snapshot(path) for name, path in workdirs.items()}
   with pytest.raises(UserError) as info:
     call(tmp_path, {name: pathlib.Path(path) for name, path in workdirs.items()})

@@ -27,11 +27,13 @@ DETAIL_BINS = np.linspace(-0.3, 0.3, 13)          # 12 bins; values beyond fall 
 INTENSITY_BINS = np.linspace(0.05, 1.0, 17)       # 16 bins over the brain's grey levels (background < 0.05)
 
 
-def _histogram(values, edges):
-  """Per-row normalised histogram of values [N, M] over fixed bin edges (clipped into the outer bins)."""
+def _histogram(values, edges, mask=None):
+  """Per-row histogram of values [N, M] over fixed bin edges (clipped into the outer bins), counting only where mask
+  [N, M] is true (default: everywhere), normalised by the count."""
+  weights = jnp.ones(values.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
   index = jnp.clip(jnp.searchsorted(jnp.asarray(edges[1:-1], jnp.float32), values), 0, len(edges) - 2)
-  counts = jax.vmap(lambda row: jnp.bincount(row, length=len(edges) - 1))(index)
-  return counts / values.shape[1]
+  counts = jax.vmap(lambda row, weight: jnp.bincount(row, weights=weight, length=len(edges) - 1))(index, weights)
+  return counts / jnp.maximum(weights.sum(axis=1, keepdims=True), 1)
 
 
 def _block_mean(images, size: int):
@@ -47,12 +49,8 @@ def _features(images):
   for band in laplacian_pyramid(images)[:DETAIL_BANDS]:
     parts.append(_histogram(band.reshape(n, -1), DETAIL_BINS))
     parts.append(_block_mean(band ** 2, DETAIL_GRID).reshape(n, -1) * 100.0)
-  brain = images.reshape(n, -1)
-  in_brain = brain > INTENSITY_BINS[0]
-  counts = jax.vmap(lambda row, mask: jnp.bincount(
-      jnp.clip(jnp.searchsorted(jnp.asarray(INTENSITY_BINS[1:-1], jnp.float32), row), 0, len(INTENSITY_BINS) - 2),
-      weights=mask.astype(jnp.float32), length=len(INTENSITY_BINS) - 1))(brain, in_brain)
-  parts.append(counts / jnp.maximum(in_brain.sum(axis=1, keepdims=True), 1))
+  pixels = images.reshape(n, -1)
+  parts.append(_histogram(pixels, INTENSITY_BINS, mask=pixels > INTENSITY_BINS[0]))
   return jnp.concatenate(parts, axis=1).astype(jnp.float32)
 
 

@@ -1,6 +1,7 @@
 """The data side: demo slices, the TFDS builder on real PNG and volume files, bad input, the grain pipeline."""
 import os
 import shutil
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -274,3 +275,11 @@ def test_a_data_dir_without_its_dataset_and_an_unusable_cache_dir_are_one_line(t
   with pytest.raises(UserError, match=rf'^{a_file}/cache: cannot hold the prepared dataset \(Not a directory; '
                                       r'config.cache_dir or \$OASIS_JAX_CACHE\)$'):
     tfds_oasis.prepare('oasis_png', oasis_png_dir, str(a_file / 'cache'))
+
+
+def test_preparing_a_dataset_leaves_no_temporary_directories(tmp_path, monkeypatch):
+  scratch = tmp_path / 'tmp'
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))   # where TFDS would leave its empty directory
+  tfds_oasis.prepare('demo', cache_dir=str(tmp_path / 'cache'))
+  assert os.listdir(scratch) == [] and tempfile.gettempdir() == str(scratch)

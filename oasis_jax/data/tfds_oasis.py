@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -119,7 +120,7 @@ def prepare(dataset: str, data_dir: str = '', cache_dir: str = '') -> OasisSlice
   except OSError as error:
     raise UserError(f'{cache_dir or default_cache_dir()}: cannot hold the prepared dataset ({error.strerror}; '
                     'config.cache_dir or $OASIS_JAX_CACHE)') from None
-  with _without_variant_warnings():
+  with _without_variant_warnings(), _scratch_tempdir():
     builder = OasisSlices(config=dataset, data_dir=tfds_dir, file_format='array_record')
     if not builder.is_prepared():
       print(f'Preparing the {dataset} dataset into {tfds_dir} (once; later runs re-use it) ...', flush=True)
@@ -147,3 +148,16 @@ def _without_variant_warnings():
     yield
   finally:
     absl_logger.removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def _scratch_tempdir():
+  """Points tempfile at a directory removed afterwards: TFDS makes an empty temporary directory (for dataset info
+  from its GCS bucket, which is disabled) whenever a builder is made for a dataset not prepared yet, and leaves it."""
+  previous = tempfile.tempdir
+  with tempfile.TemporaryDirectory(prefix='oasis_jax_tfds_') as scratch:
+    tempfile.tempdir = scratch
+    try:
+      yield
+    finally:
+      tempfile.tempdir = previous

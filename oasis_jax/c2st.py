@@ -61,23 +61,28 @@ def features(images, chunk: int = 64) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=('steps',))
-def _fit_predict(x_train, y_train, x_test, l2: float, steps: int = 300):
-  """Logistic regression (L2-penalised, full-batch Adam) on standardised features; test-set probabilities."""
-  mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
-  x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-  params = {'w': jnp.zeros(x_train.shape[1]), 'b': jnp.zeros(())}
+def _fit_predict(x, y, train, l2: float, steps: int = 300):
+  """Logistic regression (L2-penalised, full-batch Adam) on the rows of x [N, F] where train [N] is true, with
+  features standardised on those rows; the probabilities of every row. Folds select rows by mask, not by slicing,
+  so that one compiled program serves them all."""
+  weight = train.astype(jnp.float32)
+  count = weight.sum()
+  mean = (x * weight[:, None]).sum(axis=0) / count
+  std = jnp.sqrt((((x - mean) ** 2) * weight[:, None]).sum(axis=0) / count) + 1e-6
+  x = (x - mean) / std
+  params = {'w': jnp.zeros(x.shape[1]), 'b': jnp.zeros(())}
   tx = optax.adam(0.05)
 
   def loss(p):
-    logits = x_train @ p['w'] + p['b']
-    return optax.sigmoid_binary_cross_entropy(logits, y_train).mean() + l2 * jnp.sum(p['w'] ** 2)
+    logits = x @ p['w'] + p['b']
+    return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, y) * weight) / count + l2 * jnp.sum(p['w'] ** 2)
 
   def step(carry, _):
     p, state = carry
     updates, state = tx.update(jax.grad(loss)(p), state)
     return (optax.apply_updates(p, updates), state), None
   (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
-  return jax.nn.sigmoid(x_test @ params['w'] + params['b'])
+  return jax.nn.sigmoid(x @ params['w'] + params['b'])
 
 
 def accuracy(features_a, features_b, folds: int = 5, seed: int = 0, l2: float = 1e-2, groups_a=None,
@@ -102,7 +107,7 @@ def accuracy(features_a, features_b, folds: int = 5, seed: int = 0, l2: float = 
   correct = 0
   for k in range(folds):
     test = fold == k
-    probabilities = np.asarray(_fit_predict(x[~test], y[~test], x[test], l2))
+    probabilities = np.asarray(_fit_predict(x, y, ~test, l2))[test]
     correct += int(np.sum((probabilities > 0.5) == (y[test] > 0.5)))
   value = correct / len(y)
   return {'accuracy': value, 'std_error': float(np.sqrt(value * (1 - value) / len(y))), 'images': int(len(y))}

@@ -96,11 +96,42 @@ def nearest_neighbour_ssim(queries, references, size: int = 64, chunk: int = 256
   OASIS training split (~10k slices) is searched in seconds."""
   shrink = lambda a: block_mean(np.asarray(a, np.float32), min(size, a.shape[1]))
   queries, references = shrink(queries), shrink(references)
+  chunk = min(chunk, len(references))
   best = np.full(len(queries), -1.0, np.float32)
-  score = jax.jit(jax.vmap(lambda q, refs: ssim(jnp.broadcast_to(q, refs.shape), refs).max(), in_axes=(0, None)))
   for s in range(0, len(references), chunk):
-    best = np.maximum(best, np.asarray(score(queries, references[s:s + chunk])))
+    part = references[s:s + chunk]   # the last chunk padded with copies of a reference: the same maxima, one program
+    part = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
+    best = np.maximum(best, np.asarray(_best_ssim(queries, part)))
   return best
+
+
+@jax.jit
+def _best_ssim(queries, references):
+  """[Q] max over references [R, h, w, 1] of SSIM(clip(query), reference), as `ssim` computes it, with its 11x11
+  Gaussian (VALID) filtering written as two matrix products per image so that the Q x R pairs cost GEMMs."""
+  h, w = queries.shape[1:3]
+  taps = np.exp(-0.5 * ((np.arange(11) - 5) / 1.5) ** 2)
+  taps = (taps / taps.sum()).astype(np.float32)
+  rows, cols = _valid_filter_matrix(h, taps), _valid_filter_matrix(w, taps)
+  blur = lambda a: jnp.einsum('ih,...hw,jw->...ij', rows, a, cols, precision=jax.lax.Precision.HIGHEST)
+  x, y = jnp.clip(queries[..., 0], 0, 1), references[..., 0]
+  mu_x, mu_y = blur(x)[:, None], blur(y)[None]
+  epsilon = jnp.finfo(jnp.float32).eps ** 2
+  var_x = jnp.maximum(epsilon, blur(x * x)[:, None] - mu_x ** 2)
+  var_y = jnp.maximum(epsilon, blur(y * y)[None] - mu_y ** 2)
+  cov = blur(x[:, None] * y[None]) - mu_x * mu_y
+  cov = jnp.sign(cov) * jnp.minimum(jnp.sqrt(var_x * var_y), jnp.abs(cov))
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  ssim_map = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+  return jnp.mean(ssim_map, axis=(2, 3)).max(axis=1)
+
+
+def _valid_filter_matrix(size: int, taps: np.ndarray) -> np.ndarray:
+  """[size - len(taps) + 1, size]: a 1-D VALID correlation with taps, as a matrix."""
+  out = np.zeros((size - len(taps) + 1, size), np.float32)
+  for i in range(len(out)):
+    out[i, i:i + len(taps)] = taps
+  return out
 
 
 _BINOMIAL = np.array([1, 4, 6, 4, 1], np.float32) / 16

@@ -1,6 +1,7 @@
 """A trained stage 1 as a function of slices: `load` it from a workdir, `encode_split` a split to code maps,
 `reconstruct` images, and score its reconstructions (`make_eval_step`, `evaluate_split`). Stage-1 training, stage-2 training and evaluation
 all use these; nothing here imports a trainer."""
+import functools
 import os
 
 import jax
@@ -49,7 +50,7 @@ def encode_split(model: vqvae.VQVAE, variables, source, image_size: int, batch_s
   """The code maps [N, s, s] int32 of every slice of a split, in order (the encoder + nearest codebook vector)."""
   sharding = input_pipeline.current_sharding(batch_size * jax.local_device_count(), image_size)
   sharding = input_pipeline.Sharding(sharding.global_batch, 1, 0, sharding.local_devices, image_size)
-  encode = jax.pmap(lambda v, x: model.apply(v, x, method=vqvae.VQVAE.encode_to_codes))
+  encode = _encoder(model)
   p_variables = parallel.replicate(variables)
   maps = []
   for batch, mask in input_pipeline.eval_batches(source, sharding):
@@ -59,10 +60,27 @@ def encode_split(model: vqvae.VQVAE, variables, source, image_size: int, batch_s
 
 
 def reconstruct(model: vqvae.VQVAE, variables, images, batch_size: int = 16) -> np.ndarray:
-  """Reconstructions [N, S, S, 1] in [0, 1] of images [N, S, S, 1] (encode, quantise, decode), in batches."""
-  apply = jax.jit(lambda v, x: jnp.clip(model.apply(v, x)[0], 0, 1))
-  return np.concatenate([np.asarray(apply(variables, images[b:b + batch_size]))
-                         for b in range(0, len(images), batch_size)])
+  """Reconstructions [N, S, S, 1] in [0, 1] of images [N, S, S, 1] (encode, quantise, decode), in batches (the last
+  one padded, so that one compiled program serves them all)."""
+  apply = _reconstructor(model)
+  out = []
+  for start in range(0, len(images), batch_size):
+    batch = images[start:start + batch_size]
+    real = len(batch)
+    batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+    out.append(np.asarray(apply(variables, batch))[:real])
+  return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _encoder(model: vqvae.VQVAE):
+  """The pmapped encoder to codes of a model object, compiled once however often a split is encoded."""
+  return jax.pmap(lambda v, x: model.apply(v, x, method=vqvae.VQVAE.encode_to_codes))
+
+
+@functools.lru_cache(maxsize=8)
+def _reconstructor(model: vqvae.VQVAE):
+  return jax.jit(lambda v, x: jnp.clip(model.apply(v, x)[0], 0, 1))
 
 
 def make_eval_step(model: vqvae.VQVAE, num_embeddings: int):

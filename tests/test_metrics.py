@@ -84,12 +84,17 @@ def test_swd_ranks_similar_sets_closer_than_noise():
   assert len(close['levels']) == 3 and close['mean'] < far['mean'] / 3
 
 
-def test_nearest_neighbour_ssim_finds_the_copy():
+def test_nearest_neighbour_ssim_finds_the_copy_and_equals_the_best_pairwise_ssim():
   rng = np.random.default_rng(5)
   references = rng.random((10, 128, 128, 1)).astype(np.float32)
-  queries = np.stack([references[7], rng.random((128, 128, 1)).astype(np.float32)])
-  best = metrics.nearest_neighbour_ssim(queries, references, chunk=4)
+  references[3] = np.clip(references[2] + 0.1 * rng.standard_normal((128, 128, 1)), 0, 1)   # near, not equal
+  queries = np.stack([references[7], rng.random((128, 128, 1)).astype(np.float32) * 1.2 - 0.1, references[2]])
+  best = metrics.nearest_neighbour_ssim(queries, references, chunk=4)   # 3 chunks, the last one padded
   assert best[0] == pytest.approx(1.0, abs=1e-5) and best[1] < 0.2
+  # Against dm-pix's SSIM of every pair, at the 64x64 the search works at (queries clipped to [0, 1] as `ssim` does).
+  small = lambda a: metrics.block_mean(a, 64)
+  pairwise = np.array([[float(metrics.ssim(small(q[None]), small(r[None]))[0]) for r in references] for q in queries])
+  np.testing.assert_allclose(best, pairwise.max(axis=1), rtol=0, atol=1e-5)
 
 
 def test_code_histogram_kl_matches_hand_computation():

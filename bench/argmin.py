@@ -8,7 +8,6 @@ speed-up, and a final JSON line.
 """
 import argparse
 import json
-import os
 import statistics
 import time
 

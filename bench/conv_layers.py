@@ -12,7 +12,6 @@ of each form over XLA's, and what `convolution.pick` chooses. Prints a table and
 """
 import argparse
 import json
-import os
 import statistics
 import time
 

@@ -4,7 +4,6 @@ Usage: python -m bench.data_pipeline [--dataset=demo|oasis_png] [--data_dir=PATH
 Prints one row per run and a final summary line with the median over runs.
 """
 import argparse
-import os
 import statistics
 import time
 

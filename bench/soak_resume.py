@@ -2,6 +2,7 @@
 workdir, and check that nothing is lost.
 
     python -m bench.soak_resume --kills=20 [--signals=KILL,TERM] [--stage=vqvae|gan|both] [--steps=200] [--seed=0]
+                                [--stage1_workdir=DIR]
 
 For each stage: an uninterrupted reference run, then the same run killed `--kills` times (a random moment after it
 starts training, often inside an orbax save; the signals taken in turn from --signals) and restarted each time until
@@ -9,8 +10,8 @@ it finishes. A SIGKILLed run must resume from the newest *complete* checkpoint o
 (never a partial one). A SIGTERMed run must save a checkpoint at the step it names in its one-line message, exit
 with status 143, and resume from that step. Checked at
 the end: the final checkpoint equals the reference bit for bit, and so does every step's training loss in
-WORKDIR/metrics.jsonl. Prints a table and a final JSON line; exit 1 on any mismatch. tests/test_reliability.py runs
-it with a few kills; `make soak` with 20.
+WORKDIR/metrics.jsonl. Prints a table and a final JSON line; exit 1 on any mismatch. tests/test_soak.py runs the
+stage-2 part with two kills; `make soak` runs both stages with 20.
 """
 import argparse
 import json
@@ -126,15 +127,20 @@ def main():
   parser.add_argument('--steps', type=int, default=200)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--workdir', default='', help='Where the runs go (default: a temporary directory).')
+  parser.add_argument('--stage1_workdir', default='',
+                      help='A trained stage-1 run for the GAN to decode through (default: the stage-1 reference run, '
+                           'or with --stage=gan a 30-step stage-1 run made first).')
   args = parser.parse_args()
   rng = random.Random(args.seed)
   root = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix='soak_resume_'))
   os.makedirs(root, exist_ok=True)
   cache_dir = os.path.join(root, 'cache')
   os.environ.setdefault('OASIS_JAX_CACHE', cache_dir)   # the JAX compilation cache too
-  stage1 = os.path.join(root, 'stage1')
   stages = ['vqvae', 'gan'] if args.stage == 'both' else [args.stage]
-  if 'gan' in stages and run(command('vqvae', stage1, 30, '', cache_dir), os.path.join(root, 'stage1.log')):
+  # The GAN decodes through the stage-1 reference run when there is one (it is trained first), else a 30-step run.
+  stage1 = args.stage1_workdir or os.path.join(root, 'vqvae_reference' if 'vqvae' in stages else 'stage1')
+  if stages == ['gan'] and not args.stage1_workdir and run(command('vqvae', stage1, 30, '', cache_dir),
+                                                           os.path.join(root, 'stage1.log')):
     raise SystemExit(f'the stage-1 run for the GAN soak failed; see {root}/stage1.log')
   results, ok = [], True
   print(f'{"stage":6} {"kills":>5} {"TERM":>5} {"in save":>7} {"TERM ok":>7} {"resumes ok":>10} {"params equal":>12} '

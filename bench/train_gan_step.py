@@ -11,7 +11,6 @@ direct convolutions, conv_impl=xla) vs the fp32 GEMM peak.
 import argparse
 import functools
 import json
-import os
 
 import jax
 import numpy as np

@@ -3,23 +3,30 @@
     WORKDIR/config.json          {"stage": "vqvae" | "gan", "config": {...}}: the run's ConfigDict
     WORKDIR/lock                 held (flock) by the training run using the workdir; names its PID and host
     WORKDIR/stage1/              stage 2 only: the stage-1 run it was trained on, copied (stage1.pin)
-    WORKDIR/checkpoints/<step>/  latest checkpoints (orbax, atomic): train state + data iterator state
+    WORKDIR/checkpoints/<step>/  latest checkpoints (orbax, atomic): train state + data iterator state + their digest
     WORKDIR/best/<step>/         the best checkpoint by a validation metric (stage 1: config.best_metric, PSNR)
+    WORKDIR/*/<step>.damaged/    a checkpoint that failed to restore or to match its digest, set aside (not deleted)
     WORKDIR/tensorboard/         TensorBoard event files
     WORKDIR/images/              image grids written during training and evaluation
     WORKDIR/eval_<split>.json    what `python -m oasis_jax.evaluate` measured
 
-Checkpoints hold unreplicated host arrays, so a run can resume on a different number of devices.
-A trained stage is loaded by `stage1.load` or `sampling.load`, each in one place.
+Checkpoints hold unreplicated host arrays, so a run can resume on a different number of devices. Each holds a
+sha256 digest of its contents, checked on every restore: a checkpoint that fails either way is reported in one line
+and set aside, and the newest good one is used instead. A trained stage is loaded by `stage1.load` or
+`sampling.load`, each in one place.
 """
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import socket
+import sys
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from oasis_jax import parallel
@@ -28,6 +35,9 @@ from oasis_jax.errors import UserError
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
 STAGE1, STAGE2 = 'vqvae', 'gan'   # the stage names config.json records
+DIGEST = 'digest'                  # the checkpoint item holding {item: sha256 of its contents, 'scheme': ...}
+DIGEST_SCHEME = 'sha256/1'         # how `digest` hashes a tree; a checkpoint with another scheme is restored unchecked
+DAMAGED = '.damaged'               # the suffix of a checkpoint directory set aside
 
 
 def path(workdir: str, *parts: str) -> str:
@@ -115,11 +125,14 @@ class Checkpoints:
                                              best_mode='max'))
 
   def save(self, step: int, state, data_state: dict, metrics: dict | None = None) -> None:
-    """Saves the (unreplicated) state and the data iterator state; also as best when metrics improve on it.
+    """Saves the (unreplicated) state, the data iterator state and their digest; also as best when metrics improve.
 
     The best candidate is written (and finished) before the latest checkpoint: a run killed in between resumes
     from the previous latest checkpoint, redoes this step and offers it as best again, so best/ never misses it."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    state = jax.device_get(state)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                              **{DIGEST: ocp.args.JsonSave({'state': digest(state), 'data': digest(data_state),
+                                                              'scheme': DIGEST_SCHEME})})
     if metrics is not None and step not in self.best.all_steps():
       self.best.save(step, args=args, metrics={self.best_metric: float(metrics[self.best_metric])})
       self.best.wait_until_finished()
@@ -130,12 +143,12 @@ class Checkpoints:
     return self.latest.latest_step()
 
   def restore_latest(self, abstract_state):
-    """(state, data_state) of the latest complete checkpoint, or None when there is none."""
-    step = self.latest.latest_step()
-    if step is None:
+    """(state, data_state) of the newest good checkpoint, or None when there is none; damaged ones are set aside."""
+    found = _restore_newest_good(self.latest, 'checkpoint', {'state': ocp.args.StandardRestore(abstract_state),
+                                                             'data': ocp.args.JsonRestore()})
+    if found is None:
       return None
-    restored = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    restored, _ = found
     return restored['state'], restored['data']
 
   def close(self) -> None:
@@ -145,17 +158,114 @@ class Checkpoints:
     self.best.close()
 
 
+def digest(tree) -> str:
+  """sha256 of a tree's leaves (arrays by path, dtype, shape and bytes; scalars and strings by path and value), in
+  path order, so that a saved tree and the nested dicts a raw restore returns for it have the same digest."""
+  leaves = []
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in key_path)
+    leaves.append((name, leaf))
+  hasher = hashlib.sha256()
+  for name, leaf in sorted(leaves, key=lambda item: item[0]):
+    if isinstance(leaf, str) or np.ndim(leaf) == 0:   # a scalar may come back as a Python number or a 0-d array
+      hasher.update(f'{name}={json.dumps(leaf if isinstance(leaf, str) else np.asarray(leaf).item())};'.encode())
+    else:
+      array = np.ascontiguousarray(leaf)
+      hasher.update(f'{name}:{array.dtype.str}{array.shape};'.encode())
+      hasher.update(array.tobytes())
+  return hasher.hexdigest()
+
+
+def _restore_newest_good(manager, what: str, items: dict):
+  """(restored items, step) of the newest checkpoint in manager that restores and matches its digest, or None when
+  it has none at all. Each bad one is reported in one line and set aside (renamed <step>.damaged, by process 0).
+  Checkpoints written without a digest (or with another DIGEST_SCHEME) are restored unchecked."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  bad = []
+  for step in steps:
+    directory = os.path.join(str(manager.directory), str(step))
+    with_digest = os.path.isdir(os.path.join(directory, DIGEST))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          **items, **({DIGEST: ocp.args.JsonRestore()} if with_digest else {})))
+      if with_digest and restored[DIGEST].get('scheme') == DIGEST_SCHEME:
+        wrong = [item for item in items if restored[DIGEST][item] != digest(restored[item])]
+        if wrong:
+          raise ValueError(f'the digest saved with it does not match its {" and ".join(wrong)}')
+    except Exception as error:   # orbax, tensorstore, JSON: any failure to read it back means the same here
+      _silence_late_reads()
+      reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+      reason = reason if len(reason) <= 160 else reason[:157] + '...'
+      aside = _set_aside(directory)
+      print(f'warning: {what} {directory} cannot be used ({reason}); ' +
+            (f'set aside as {aside}' if aside else 'left in place') + '; trying an older one', file=sys.stderr,
+            flush=True)
+      bad.append(directory)
+      continue
+    if bad:
+      manager.reload()
+    return {item: restored[item] for item in items}, step
+  if bad:
+    raise UserError(f'{manager.directory}: no usable {what} (all {len(bad)} failed to restore and were set aside '
+                    f'as <step>{DAMAGED}); move one back to retry it, or use another --workdir')
+  return None
+
+
+def _silence_late_reads() -> None:
+  """After a failed restore, the reads of its other arrays still finish in tensorstore's threads and call back into
+  orbax's closed event loop; Python would print each such RuntimeError as an ignored exception with a traceback."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'oasis_jax', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+  hook.oasis_jax = True
+  sys.unraisablehook = hook
+
+
+def _set_aside(directory: str) -> str:
+  """Renames a damaged checkpoint directory to <step>.damaged (process 0; '' when that is not possible)."""
+  if not parallel.is_main_process():
+    return ''
+  target = directory + DAMAGED
+  suffix = 1
+  while os.path.exists(target):
+    suffix += 1
+    target = f'{directory}{DAMAGED}{suffix}'
+  try:
+    os.rename(directory, target)
+  except OSError:
+    return ''
+  return target
+
+
 def restore_raw(directory: str, what: str):
-  """The `state` item of the newest checkpoint in directory, as nested dicts of arrays (no target needed)."""
+  """(state, step): the `state` item of the newest good checkpoint in directory, as nested dicts of arrays."""
   if not os.path.isdir(directory):
     raise UserError(f'{directory}: no {what} checkpoints (train it first)')
   manager = ocp.CheckpointManager(directory)
-  step = manager.latest_step()
-  if step is None:
+  try:
+    found = _restore_newest_good(manager, f'{what} checkpoint', {'state': ocp.args.StandardRestore()})
+  finally:
+    manager.close()
+  if found is None:
     raise UserError(f'{directory}: no complete {what} checkpoint (train it first)')
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
+  restored, step = found
   return restored['state'], step
+
+
+def restore_trained(workdir: str, what: str):
+  """(state, step) of a training run: its best checkpoint, else (none, or none usable) its newest good one."""
+  best = path(workdir, 'best')
+  if latest_complete_step(best) is not None:
+    try:
+      return restore_raw(best, f'{what} (best)')
+    except UserError:
+      print(f'warning: {best}: no usable {what} checkpoint left; using the newest good one in '
+            f'{path(workdir, "checkpoints")}', file=sys.stderr, flush=True)
+  return restore_raw(path(workdir, 'checkpoints'), what)
 
 
 def latest_complete_step(directory: str):
@@ -169,15 +279,12 @@ def latest_complete_step(directory: str):
 
 
 def save_raw(directory: str, step: int, state) -> None:
-  """Saves a tree of arrays as the `state` item of checkpoint `step` in directory (what restore_raw reads)."""
+  """Saves a tree of arrays, with its digest, as the `state` item of checkpoint `step` in directory (what
+  restore_raw reads)."""
+  state = jax.device_get(state)
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      **{DIGEST: ocp.args.JsonSave({'state': digest(state), 'scheme': DIGEST_SCHEME})}))
   manager.wait_until_finished()
   manager.close()
-
-
-def best_or_latest(workdir: str) -> str:
-  """WORKDIR/best when it holds a complete checkpoint, else WORKDIR/checkpoints."""
-  directory = path(workdir, 'best')
-  return directory if latest_complete_step(directory) is not None else path(workdir, 'checkpoints')
-

@@ -117,7 +117,7 @@ def load(workdir: str, vqvae_workdir: str = '') -> Loaded:
                     f'(a relative path is read from the current directory): pass --vqvae_workdir=DIR')
   stage1_model, stage1_variables, stage1_config = stage1.load(config.vqvae_workdir)
   check_stage1_unchanged(config, stage1_config)
-  state, _ = checkpoints.restore_raw(checkpoints.best_or_latest(workdir), 'stage-2')
+  state, _ = checkpoints.restore_trained(workdir, 'stage-2')
   generator_state = state['0'] if '0' in state else state[0]
   g_variables = {'params': generator_state['ema_params'], 'batch_stats': generator_state['batch_stats']}
   generator, _ = make_models(config, stage1_config)

@@ -28,7 +28,7 @@ def load(workdir: str):
   stage, config = checkpoints.read_config(workdir)
   if stage != checkpoints.STAGE1:
     raise UserError(f'{workdir}: holds a {stage} run, expected a stage-1 ({checkpoints.STAGE1}) workdir')
-  state, _ = checkpoints.restore_raw(checkpoints.best_or_latest(workdir), 'stage-1')
+  state, _ = checkpoints.restore_trained(workdir, 'stage-1')
   return model_from_config(config), {'params': state['params'], vqvae.VQ: state[vqvae.VQ]}, config
 
 
@@ -38,8 +38,11 @@ def pin(workdir: str, stage1_workdir: str) -> str:
   can be trained further or retrained without changing what stage 2 decodes with. Returns its path."""
   pinned = checkpoints.path(workdir, PINNED)
   if checkpoints.latest_complete_step(checkpoints.path(pinned, 'checkpoints')) is None:
+    if os.path.exists(checkpoints.path(pinned, checkpoints.CONFIG_FILE)):   # copied once, since set aside as damaged
+      raise UserError(f'{pinned}: the stage-1 checkpoint this stage-2 run was trained on is missing or damaged; '
+                      'train stage 2 again in another --workdir')
     stage, config = checkpoints.read_config(stage1_workdir)
-    state, step = checkpoints.restore_raw(checkpoints.best_or_latest(stage1_workdir), 'stage-1')
+    state, step = checkpoints.restore_trained(stage1_workdir, 'stage-1')
     checkpoints.write_config(pinned, config, stage)
     checkpoints.save_raw(checkpoints.path(pinned, 'checkpoints'), step,
                          {'params': state['params'], vqvae.VQ: state[vqvae.VQ]})

@@ -14,16 +14,20 @@ import pytest
 from oasis_jax.ops import convolution, winograd_cpu
 
 
+def sin_loss_grads(stride: int, impl: str):
+  """Jitted gradients of sum(sin(conv(x, w))) w.r.t. x and w: a loss whose gradients reach every output."""
+  return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(convolution.conv(x, w, stride, impl))), (0, 1)))
+
+
 @pytest.mark.parametrize('size, kernel, stride, cin, cout', [
     (16, 4, 2, 1, 8), (16, 4, 2, 3, 5), (8, 3, 1, 4, 6), (9, 3, 1, 2, 3), (8, 1, 1, 4, 5), (7, 4, 2, 2, 2)])
 def test_im2col_equals_xla_convolution_and_its_gradients(size, kernel, stride, cin, cout):
   x = jax.random.normal(jax.random.key(0), (2, size, size, cin))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, cout))
   reference = jax.lax.conv_general_dilated(x, w, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  got = convolution.conv(x, w, stride, 'im2col')
+  got = jax.jit(convolution.conv, static_argnums=(2, 3))(x, w, stride, 'im2col')
   np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
-  loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(convolution.conv(x, w, stride, impl)))
-  for a, b in zip(jax.grad(loss('im2col'), (0, 1))(x, w), jax.grad(loss('xla'), (0, 1))(x, w)):
+  for a, b in zip(sin_loss_grads(stride, 'im2col')(x, w), sin_loss_grads(stride, 'xla')(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -50,13 +54,12 @@ def test_winograd_equals_direct_convolution_and_its_gradients(size, kernel, stri
   x = jax.random.normal(jax.random.key(0), (2, size, size, cin))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin)
   reference = direct_convolution_float64(x, w, stride)
-  got = convolution.conv(x, w, stride, 'winograd')
+  got = jax.jit(convolution.conv, static_argnums=(2, 3))(x, w, stride, 'winograd')
   assert got.shape == reference.shape
   # F(4x4, 3x3)'s transforms scale by up to 8 and 1/24: fp32 error ~1e-6 of unit-scale outputs (direct: ~1e-7).
   np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5)
   # Gradients: of sum(sin(conv)) w.r.t. input and kernel, against XLA's convolution.
-  loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(convolution.conv(x, w, stride, impl)))
-  for a, b in zip(jax.grad(loss('winograd'), (0, 1))(x, w), jax.grad(loss('xla'), (0, 1))(x, w)):
+  for a, b in zip(sin_loss_grads(stride, 'winograd')(x, w), sin_loss_grads(stride, 'xla')(x, w)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
@@ -64,9 +67,9 @@ def test_winograd_equals_direct_convolution_and_its_gradients(size, kernel, stri
 def test_taps_equals_direct_convolution_and_its_gradients(size, cin, cout):
   x = jax.random.normal(jax.random.key(10), (2, size, size, cin))
   w = jax.random.normal(jax.random.key(11), (3, 3, cin, cout)) / np.sqrt(9 * cin)
-  np.testing.assert_allclose(convolution.conv(x, w, 1, 'taps'), direct_convolution_float64(x, w, 1), rtol=0, atol=1e-5)
-  loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(convolution.conv(x, w, 1, impl)))
-  for a, b in zip(jax.grad(loss('taps'), (0, 1))(x, w), jax.grad(loss('xla'), (0, 1))(x, w)):
+  got = jax.jit(convolution.conv, static_argnums=(2, 3))(x, w, 1, 'taps')
+  np.testing.assert_allclose(got, direct_convolution_float64(x, w, 1), rtol=0, atol=1e-5)
+  for a, b in zip(sin_loss_grads(1, 'taps')(x, w), sin_loss_grads(1, 'xla')(x, w)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(b))))
   w4 = jax.random.normal(jax.random.key(12), (4, 4, cin, cout))    # not 3x3/1: XLA's op
   np.testing.assert_array_equal(convolution.conv(x, w4, 2, 'taps'), convolution.conv(x, w4, 2, 'xla'))
@@ -82,7 +85,7 @@ def test_winograd_second_derivatives_match_for_the_r1_penalty(kernel, stride):
     def penalty(w):
       grad_x = jax.grad(lambda x: jnp.sum(jnp.tanh(convolution.conv(x, w, stride, impl))))(x)
       return jnp.sum(grad_x ** 2)
-    return jax.value_and_grad(penalty)(w)
+    return jax.jit(jax.value_and_grad(penalty))(w)
   (value, grad), (reference_value, reference_grad) = r1('winograd'), r1('xla')
   np.testing.assert_allclose(value, reference_value, rtol=1e-5)
   np.testing.assert_allclose(grad, reference_grad, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(reference_grad))))
@@ -97,11 +100,12 @@ def test_native_transforms_equal_the_xla_transforms_and_their_transposes():
   v = jax.random.normal(jax.random.key(21), (36, 12, 32))
   xla_input = lambda x: jnp.stack(convolution._input_transform(x))
   xla_output = lambda m: convolution._output_transform_impl(list(m), tiles)
-  np.testing.assert_allclose(winograd_cpu.input_transform(x), xla_input(x), rtol=0, atol=1e-5)
-  np.testing.assert_allclose(winograd_cpu.output_transform(v, shape), xla_output(v), rtol=0, atol=1e-4)
-  np.testing.assert_allclose(winograd_cpu.input_transform_transposed(v, shape), jax.vjp(xla_input, x)[1](v)[0],
+  transposed = lambda f: jax.jit(lambda primal, cotangent: jax.vjp(f, primal)[1](cotangent)[0])
+  np.testing.assert_allclose(winograd_cpu.input_transform(x), jax.jit(xla_input)(x), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(winograd_cpu.output_transform(v, shape), jax.jit(xla_output)(v), rtol=0, atol=1e-4)
+  np.testing.assert_allclose(winograd_cpu.input_transform_transposed(v, shape), transposed(xla_input)(x, v),
                              rtol=0, atol=1e-4)
-  np.testing.assert_allclose(winograd_cpu.output_transform_transposed(x), jax.vjp(xla_output, v)[1](x)[0],
+  np.testing.assert_allclose(winograd_cpu.output_transform_transposed(x), transposed(xla_output)(v, x),
                              rtol=0, atol=1e-4)
   # Their own VJPs are the transposes: <T x, v> = <x, T^T v> through jax.vjp.
   _, vjp = jax.vjp(winograd_cpu.input_transform, x)
@@ -113,11 +117,12 @@ def test_native_winograd_equals_direct_convolution_and_its_gradients(shape, cout
   assert winograd_cpu.usable(shape, cout, jnp.float32)
   x = jax.random.normal(jax.random.key(22), shape)
   w = jax.random.normal(jax.random.key(23), (3, 3, shape[-1], cout)) / np.sqrt(9 * shape[-1])
-  np.testing.assert_allclose(convolution.winograd3x3(x, w), direct_convolution_float64(x, w, 1), rtol=0, atol=2e-5)
+  np.testing.assert_allclose(jax.jit(convolution.winograd3x3)(x, w), direct_convolution_float64(x, w, 1), rtol=0,
+                             atol=2e-5)
   loss = lambda native: lambda x, w: jnp.sum(jnp.sin(convolution.winograd3x3(x, w, native)))
-  reference = jax.grad(lambda x, w: jnp.sum(jnp.sin(convolution.conv(x, w, 1, 'xla'))), (0, 1))(x, w)
+  reference = sin_loss_grads(1, 'xla')(x, w)
   for native in (None, False):
-    for a, b in zip(jax.grad(loss(native), (0, 1))(x, w), reference):
+    for a, b in zip(jax.jit(jax.grad(loss(native), (0, 1)))(x, w), reference):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
@@ -128,7 +133,7 @@ def test_native_winograd_second_derivatives_for_the_r1_penalty():
   def r1(convolve):
     def penalty(w):
       return jnp.sum(jax.grad(lambda x: jnp.sum(jnp.tanh(convolve(x, w))))(x) ** 2)
-    return jax.value_and_grad(penalty)(w)
+    return jax.jit(jax.value_and_grad(penalty))(w)
   (value, grad) = r1(convolution.winograd3x3)
   (reference_value, reference_grad) = r1(lambda x, w: convolution.conv(x, w, 1, 'xla'))
   np.testing.assert_allclose(value, reference_value, rtol=1e-5)

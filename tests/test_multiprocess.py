@@ -9,8 +9,9 @@ import sys
 import jax
 import numpy as np
 
+from configs import vqvae as vqvae_configs
 from oasis_jax import checkpoints
-from oasis_jax.training import progress
+from oasis_jax.training import progress, vqvae_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +22,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path, cache_dir, run_cli):
+def test_two_processes_match_one_process(tmp_path, cache_dir):
   common = ['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--config.num_train_steps=6',
             '--config.eval_every_steps=6', '--config.checkpoint_every_steps=3', '--config.log_every_steps=3',
             f'--config.cache_dir={cache_dir}']
@@ -36,7 +37,9 @@ def test_two_processes_match_one_process(tmp_path, cache_dir, run_cli):
     assert process.returncode == 0, out + err
   assert 'on 2 device(s)' in outputs[0][0] and 'step 6/6' in outputs[0][0]
   assert 'step 6/6' not in outputs[1][0]   # progress lines come from process 0 only
-  run_cli(*common, f'--workdir={tmp_path}/single')   # one process, 2 devices (conftest's XLA_FLAGS)
+  config = vqvae_configs.get_config('tiny')   # the same run in this process: 2 devices (conftest's XLA_FLAGS)
+  config.update(num_train_steps=6, eval_every_steps=6, checkpoint_every_steps=3, log_every_steps=3, cache_dir=cache_dir)
+  vqvae_trainer.train_and_evaluate(config, f'{tmp_path}/single')
   multi, step = checkpoints.restore_raw(os.path.join(tmp_path, 'multi', 'checkpoints'), 'multi')
   single, _ = checkpoints.restore_raw(os.path.join(tmp_path, 'single', 'checkpoints'), 'single')
   assert step == 6

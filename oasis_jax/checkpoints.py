@@ -20,6 +20,7 @@ import datetime
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -30,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from oasis_jax import parallel
-from oasis_jax.errors import UserError
+from oasis_jax.errors import FREE_SPACE, DiskFull, UserError, naming_full_disk, no_space_left
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
@@ -55,16 +56,25 @@ def read_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict, stage: str,
-                    must_match: tuple[str, ...] = ()) -> None:
-  """Refuses a workdir of the other stage, or one whose run's `must_match` fields differ from config's."""
+                    must_match: tuple[str, ...] = (), why: dict[str, str] | None = None) -> None:
+  """Refuses a workdir of the other stage, or one whose run's `must_match` fields differ from config's (`why`: a
+  reason to name, per field). A run that saved no checkpoint (one that failed before its first) binds nothing."""
   if os.path.exists(path(workdir, CONFIG_FILE)):
     saved_stage, saved = read_config(workdir)
     if saved_stage != stage:
       raise UserError(f'{workdir}: holds a {saved_stage} run, not a {stage} run: use another --workdir')
+    if not has_checkpoint(workdir):
+      return
     for field in must_match:
       if field in saved and _comparable(field, saved[field]) != _comparable(field, config[field]):
-        raise UserError(f'config.{field}={config[field]!r} differs from {saved[field]!r} of the run in {workdir}: '
-                        'use another --workdir to start a new run')
+        reason = f' ({why[field]})' if why and field in why else ''
+        raise UserError(f'config.{field}={config[field]!r} differs from {saved[field]!r} of the run in {workdir}'
+                        f'{reason}: use another --workdir to start a new run')
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether the run in workdir has saved a complete checkpoint (latest or best)."""
+  return any(latest_complete_step(path(workdir, folder)) is not None for folder in ('checkpoints', 'best'))
 
 
 def _comparable(field: str, value):
@@ -73,13 +83,13 @@ def _comparable(field: str, value):
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict, stage: str,
-                 must_match: tuple[str, ...] = ()) -> None:
+                 must_match: tuple[str, ...] = (), why: dict[str, str] | None = None) -> None:
   """Saves the run's config, after check_resumable."""
-  check_resumable(workdir, config, stage, must_match)
+  check_resumable(workdir, config, stage, must_match, why)
   if parallel.is_main_process():
     os.makedirs(path(workdir), exist_ok=True)
     tmp = path(workdir, CONFIG_FILE + '.tmp')
-    with open(tmp, 'w') as f:
+    with naming_full_disk(tmp), open(tmp, 'w') as f:
       json.dump({'stage': stage, 'config': config.to_dict()}, f, indent=2, sort_keys=True)
     os.replace(tmp, path(workdir, CONFIG_FILE))
 
@@ -134,10 +144,13 @@ class Checkpoints:
                               **{DIGEST: ocp.args.JsonSave({'state': digest(state), 'data': digest(data_state),
                                                               'scheme': DIGEST_SCHEME})})
     if metrics is not None and step not in self.best.all_steps():
-      self.best.save(step, args=args, metrics={self.best_metric: float(metrics[self.best_metric])})
-      self.best.wait_until_finished()
+      with _saving(self.best, step):
+        self.best.save(step, args=args, metrics={self.best_metric: float(metrics[self.best_metric])})
+        self.best.wait_until_finished()
     if step not in self.latest.all_steps():
-      self.latest.save(step, args=args)
+      with _saving(self.latest, step):   # finished here, so that a failure is reported at the save that failed
+        self.latest.save(step, args=args)
+        self.latest.wait_until_finished()
 
   def latest_step(self):
     return self.latest.latest_step()
@@ -156,6 +169,44 @@ class Checkpoints:
     self.best.wait_until_finished()
     self.latest.close()
     self.best.close()
+
+
+@contextlib.contextmanager
+def _saving(manager, step: int):
+  """Turns a full disk during a save into one line naming the checkpoint (the earlier ones are left as they were),
+  without orbax's error logs and tracebacks of each failed background write; other failures keep them."""
+  _silence_late_reads()
+  held = _HeldOrbaxErrors()
+  absl_logger = logging.getLogger('absl')
+  absl_logger.addFilter(held)
+  full = False
+  try:
+    yield
+  except Exception as error:
+    full = no_space_left(error)[0]
+    if not full:
+      raise
+    raise DiskFull(f'{manager.directory}/{step}: no space left on device while saving this checkpoint; the earlier '
+                   f'ones are intact; {FREE_SPACE}') from None
+  finally:
+    absl_logger.removeFilter(held)
+    if not full:
+      for record in held.records:
+        absl_logger.handle(record)
+
+
+class _HeldOrbaxErrors(logging.Filter):
+  """Holds back orbax's error records (a save's failed background writes) until the save's outcome is known."""
+
+  def __init__(self):
+    super().__init__()
+    self.records = []
+
+  def filter(self, record):
+    if record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
+      self.records.append(record)
+      return False
+    return True
 
 
 def digest(tree) -> str:
@@ -212,17 +263,22 @@ def _restore_newest_good(manager, what: str, items: dict):
 
 
 def _silence_late_reads() -> None:
-  """After a failed restore, the reads of its other arrays still finish in tensorstore's threads and call back into
-  orbax's closed event loop; Python would print each such RuntimeError as an ignored exception with a traceback."""
-  previous = sys.unraisablehook
-  if getattr(previous, 'oasis_jax', False):
+  """After a failed restore or save, the reads and writes of its other arrays still finish in tensorstore's threads
+  and call back into orbax's closed event loop; Python would print each such RuntimeError with a traceback."""
+  if getattr(sys.excepthook, 'oasis_jax', False):
     return
+  late = lambda error: isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'):
-      previous(unraisable)
-  hook.oasis_jax = True
-  sys.unraisablehook = hook
+  def unraisable_hook(unraisable):
+    if not late(unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  def except_hook(kind, value, traceback):
+    if not late(value):
+      previous_except(kind, value, traceback)
+  unraisable_hook.oasis_jax = except_hook.oasis_jax = True
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
 def _set_aside(directory: str) -> str:

@@ -4,12 +4,12 @@ import sys
 
 from absl import app, flags, logging
 
-from oasis_jax.errors import Stopped, UserError
+from oasis_jax.errors import FREE_SPACE, DiskFull, Stopped, UserError, no_space_left
 
 
 def run(main):
-  """Wraps an absl main: a UserError (or a bad config field) prints one line on stderr, no traceback; a run
-  stopped by a signal prints its one line and exits with 128 + the signal number."""
+  """Wraps an absl main: a UserError (or a bad config field) or a full disk prints one line on stderr, no traceback;
+  a run stopped by a signal prints its one line and exits with 128 + the signal number."""
 
   def wrapped(argv):
     logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax, TFDS) hides the progress lines
@@ -18,11 +18,27 @@ def run(main):
       enable_compilation_cache()
       return main(argv)
     except UserError as error:
+      if isinstance(error, DiskFull):
+        _quiet_shutdown()
       sys.exit(f'error: {error}')
     except Stopped as stopped:
       print(stopped, file=sys.stderr, flush=True)
       sys.exit(128 + stopped.signal_number)
+    except Exception as error:   # a full disk while writing an image, a log or the samples: one line too
+      full, file = no_space_left(error)
+      if not full:
+        raise
+      _quiet_shutdown()
+      sys.exit(f'error: {file or "a file"}: no space left on device; {FREE_SPACE}')
   return wrapped
+
+
+def _quiet_shutdown() -> None:
+  """The run ends on a full disk: background writers (TensorBoard's at exit, orbax's reads and writes) fail again as
+  the process exits, and their tracebacks would bury the one line that says why."""
+  import threading
+  threading.excepthook = lambda args: None
+  sys.unraisablehook = lambda unraisable: None   # also what an exception in an atexit callback goes through
 
 
 def define_distributed_flags() -> None:

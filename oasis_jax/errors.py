@@ -2,12 +2,18 @@
 run stopped by a signal.
 
 A UserError has a one-line message that names the file or config field and what was expected; the CLI scripts
-turn it into `sys.exit(message)`. Everything else is a bug and may trace back.
+turn it into `sys.exit(message)`. Everything else is a bug and may trace back, except a full disk (`no_space_left`).
 """
+import contextlib
+import errno
 
 
 class UserError(Exception):
   """A problem with the user's input: data, config or files. The message is one line."""
+
+
+class DiskFull(UserError):
+  """A write failed for want of space; the message names what was being written."""
 
 
 class Stopped(Exception):
@@ -17,3 +23,31 @@ class Stopped(Exception):
   def __init__(self, message: str, signal_number: int):
     super().__init__(message)
     self.signal_number = signal_number
+
+
+def no_space_left(error: BaseException) -> tuple[bool, str]:
+  """(whether error, or an exception it was raised from or during, is a full disk; the file named, or '').
+  Orbax and tensorstore wrap the OSError or only quote its text."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True, error.filename or ''
+    if 'No space left on device' in str(error):
+      return True, ''
+    error = error.__cause__ or error.__context__
+  return False, ''
+
+
+FREE_SPACE = 'free some space and run the same command again (a training run resumes from its newest complete checkpoint)'
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str):
+  """Turns a full disk while writing path into a DiskFull that names it."""
+  try:
+    yield
+  except OSError as error:
+    if not no_space_left(error)[0]:
+      raise
+    raise DiskFull(f'{path}: no space left on device; {FREE_SPACE}') from None

@@ -21,6 +21,7 @@ import numpy as np
 
 from oasis_jax import c2st, checkpoints, images, metrics, parallel, sampling, stage1
 from oasis_jax.data import input_pipeline, tfds_oasis
+from oasis_jax.errors import naming_full_disk
 
 C2ST_IMAGES = 1024   # the default: at most this many training slices (evenly spaced) per C2ST set
 
@@ -60,7 +61,8 @@ def evaluate_vqvae(workdir: str, split: str, batch_size: int, c2st_images: int =
   if parallel.is_main_process():
     images.save_png(stage1.comparison_grid(originals, reconstructions),
                     checkpoints.path(workdir, 'images', f'eval_{split}.png'))
-    with open(checkpoints.path(workdir, f'eval_{split}.json'), 'w') as f:
+    file = checkpoints.path(workdir, f'eval_{split}.json')
+    with naming_full_disk(file), open(file, 'w') as f:
       json.dump(result, f, indent=2)
   return result
 
@@ -104,6 +106,7 @@ def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int, c2st_imag
     count = min(8, len(real))
     picture = np.concatenate([real[:count], reconstructions[:count], samples[:count]])
     images.save_png(images.grid(picture, columns=count), checkpoints.path(workdir, 'images', f'eval_{split}.png'))
-    with open(checkpoints.path(workdir, f'eval_{split}.json'), 'w') as f:
+    file = checkpoints.path(workdir, f'eval_{split}.json')
+    with naming_full_disk(file), open(file, 'w') as f:
       json.dump(result, f, indent=2)
   return result

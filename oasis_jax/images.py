@@ -4,6 +4,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from oasis_jax.errors import naming_full_disk
+
 
 def to_uint8(images) -> np.ndarray:
   return np.round(np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
@@ -26,7 +28,13 @@ def save_png(array_uint8: np.ndarray, file: str) -> None:
   """Writes atomically (temporary file + rename), so a killed run never leaves a half-written PNG."""
   os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
   tmp = file + '.tmp'
-  Image.fromarray(np.asarray(array_uint8).squeeze()).save(tmp, format='PNG')
+  try:
+    with naming_full_disk(file):
+      Image.fromarray(np.asarray(array_uint8).squeeze()).save(tmp, format='PNG')
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   os.replace(tmp, file)
 
 

@@ -3,6 +3,7 @@
 all use these; nothing here imports a trainer."""
 import functools
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,8 @@ def pin(workdir: str, stage1_workdir: str) -> str:
   once, with its config, as a stage-1 workdir of its own. Resuming, sampling and evaluating read the copy, so stage 1
   can be trained further or retrained without changing what stage 2 decodes with. Returns its path."""
   pinned = checkpoints.path(workdir, PINNED)
+  if os.path.isdir(pinned) and not checkpoints.has_checkpoint(workdir):
+    shutil.rmtree(pinned)   # left by a run that failed before its first checkpoint: copy what this run uses
   if checkpoints.latest_complete_step(checkpoints.path(pinned, 'checkpoints')) is None:
     if os.path.exists(checkpoints.path(pinned, checkpoints.CONFIG_FILE)):   # copied once, since set aside as damaged
       raise UserError(f'{pinned}: the stage-1 checkpoint this stage-2 run was trained on is missing or damaged; '

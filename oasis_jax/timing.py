@@ -13,6 +13,7 @@ import sys
 import time
 
 from oasis_jax import parallel
+from oasis_jax.errors import naming_full_disk
 
 FILE = 'timings.jsonl'
 COLUMNS = ('data', 'setup', 'compile', 'train', 'evaluate', 'checkpoint', 'sample')
@@ -40,7 +41,8 @@ class Phases:
     record = {'command': command, 'phases': {k: round(v, 2) for k, v in self.seconds.items()},
               'total': round(time.perf_counter() - self.start, 2)}
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, FILE), 'a') as f:
+    file = os.path.join(workdir, FILE)
+    with naming_full_disk(file), open(file, 'a') as f:
       f.write(json.dumps(record) + '\n')
 
 

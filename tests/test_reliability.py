@@ -3,6 +3,7 @@
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -262,3 +263,69 @@ def test_a_damaged_copy_of_stage1_is_never_replaced_by_what_stage1_holds_now(tin
     stage1.pin(str(gan), tiny_chain['stage1'])
   assert str(info.value) == (f'{gan}/stage1: the stage-1 checkpoint this stage-2 run was trained on is missing or '
                              'damaged; train stage 2 again in another --workdir')
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_bind_the_workdir(tmp_path, cache_dir):
+  workdir = tmp_path / 'run'
+  with pytest.raises(UserError, match='keras_png_slices'):   # fails preparing its data, after writing config.json
+    _train_vqvae(workdir, dataset='oasis_png', data_dir=str(tmp_path), cache_dir=cache_dir)
+  assert (workdir / 'config.json').exists() and not checkpoints.has_checkpoint(str(workdir))
+  _train_vqvae(workdir, cache_dir=cache_dir, log_every_steps=5, checkpoint_every_steps=5, num_train_steps=5)
+  assert checkpoints.read_config(str(workdir))[1].dataset == 'demo' and checkpoints.has_checkpoint(str(workdir))
+
+
+def test_extending_a_cosine_schedule_run_is_refused(tiny_chain, tmp_path, edit_saved_config):
+  workdir = tmp_path / 'run'   # a 30-step run, as if trained with the cosine schedule
+  shutil.copytree(tiny_chain['stage1'], workdir)
+  edit_saved_config(workdir, lr_schedule='cosine')
+  with pytest.raises(UserError) as info:
+    _train_vqvae(workdir, lr_schedule='cosine', num_train_steps=60)
+  assert str(info.value) == (
+      f"config.num_train_steps=60 differs from 30 of the run in {workdir} (the cosine learning-rate schedule is laid "
+      "out over the run's length; extending it would raise the learning rate at the resume point): use another "
+      "--workdir to start a new run")
+
+
+def test_a_stage2_run_without_a_checkpoint_copies_the_stage1_it_is_given_now(tiny_chain, tmp_path,
+                                                                              edit_saved_config):
+  gan, first, second = tmp_path / 'gan', tmp_path / 'first', tmp_path / 'second'
+  for stage1_run in (first, second):
+    shutil.copytree(tiny_chain['stage1'], stage1_run)
+  edit_saved_config(second, seed=7)   # tells the two copies apart
+  pinned = stage1.pin(str(gan), str(first))   # what a run that failed before its first checkpoint left behind
+  assert checkpoints.read_config(pinned)[1].seed == 0
+  stage1.pin(str(gan), str(second))
+  assert checkpoints.read_config(pinned)[1].seed == 7
+
+
+def _can_mount_a_small_filesystem() -> bool:
+  """Whether this machine lets an unprivileged user namespace mount a tmpfs (most Linux kernels do)."""
+  if not shutil.which('unshare'):
+    return False
+  return subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c',
+                         'mount -t tmpfs -o size=64k tmpfs /mnt'], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_a_small_filesystem(), reason='no unprivileged user+mount namespaces here')
+@pytest.mark.parametrize('size, failing', [('180k', r'checkpoints/10: no space left on device while saving this '
+                                                    r'checkpoint; the earlier ones are intact'),
+                                           ('330k', r'images/reconstructions_000015\.png: no space left on device')])
+def test_a_full_disk_stops_training_with_one_line_naming_what_failed(tmp_path, cache_dir, size, failing):
+  """Training on a small filesystem (a tmpfs of `size` in a user namespace) until it is full: exit status 1, one
+  line on stderr naming the checkpoint or file that did not fit, and the checkpoints saved before it restore."""
+  disk, err = tmp_path / 'disk', tmp_path / 'stderr.txt'
+  disk.mkdir()
+  train = [sys.executable, 'train_vqvae.py', '--config=configs/vqvae.py:tiny', f'--workdir={disk}/run',
+           f'--config.cache_dir={cache_dir}', '--config.num_train_steps=60', '--config.checkpoint_every_steps=10']
+  restore = [sys.executable, '-c', 'from oasis_jax import checkpoints; '
+             f'print(checkpoints.latest_complete_step({str(disk / "run" / "checkpoints")!r}))']
+  script = (f'mount -t tmpfs -o size={size} tmpfs {disk} && {shlex.join(train)} 2> {err}; echo "exit $?"; '
+            f'{shlex.join(restore)}')
+  result = subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'bash', '-c', script], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  lines = result.stdout.strip().splitlines()
+  assert 'exit 1' in lines, result.stdout + result.stderr
+  stderr = err.read_text().strip().splitlines()
+  assert len(stderr) == 1 and re.fullmatch(rf'error: {re.escape(str(disk))}/run/{failing}; .+', stderr[0]), stderr
+  saved = lines[-1]   # the newest complete checkpoint left, if the failure came after one
+  assert saved == ('None' if failing.startswith('checkpoints/10') else '10'), lines

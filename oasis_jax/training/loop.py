@@ -103,6 +103,7 @@ def train(name: str, workdir: str, state: Any, iterator, total_steps: int, caden
   store = checkpoints.Checkpoints(workdir, best_metric=best_metric)
   log = None
   stack = contextlib.ExitStack()
+  failed = True
   try:
     history = progress.History()
     with phases('setup'):
@@ -148,19 +149,24 @@ def train(name: str, workdir: str, state: Any, iterator, total_steps: int, caden
       if do_save:
         with phases('checkpoint'):
           store.save(step, parallel.unreplicate(p_state), iterator.get_state(), evaluation and evaluation.best)
-      if stop.requested(step) and step < total_steps:   # the store's close (finally) finishes the save
+      if stop.requested(step) and step < total_steps:
         if not do_save:
           with phases('checkpoint'):
             store.save(step, parallel.unreplicate(p_state), {**iterator.get_state(), PENDING_METRICS: history.state()})
         raise Stopped(f'[{name}] stopped by {signal.Signals(stop.received).name} at step {step}: a complete '
                       f'checkpoint is saved in {workdir}; run the same command to resume', stop.received)
+    failed = False
     return summary, validation
   finally:
     stack.close()
-    with phases('checkpoint'):
-      store.close()
-    if log is not None:
-      log.close()
+    try:
+      with phases('checkpoint'):
+        store.close()
+      if log is not None:
+        log.close()
+    except Exception:
+      if not failed:   # else the error that ended the run is the one to report, not what closing then hit
+        raise
 
 
 def _step(state) -> int:

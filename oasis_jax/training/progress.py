@@ -6,12 +6,14 @@ counts (the values are the same: training resumes bit for bit on CPU)."""
 import json
 import os
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 
 from oasis_jax import parallel
+from oasis_jax.errors import naming_full_disk, no_space_left
 
 
 def read_jsonl(workdir: str, prefix: str = 'train') -> dict:
@@ -44,6 +46,7 @@ class Progress:
     if parallel.is_main_process():
       from tensorboardX import SummaryWriter  # no TensorFlow needed
       self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      _quiet_full_disk_in_threads()
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a+')
       self.jsonl.seek(0, os.SEEK_END)
       if self.jsonl.tell() > 0:
@@ -59,8 +62,10 @@ class Progress:
       return
     for key, value in metrics.items():
       self.writer.add_scalar(f'{prefix}/{key}', float(value), step)
-    self.jsonl.write(json.dumps({'step': step, 'prefix': prefix, **{k: float(v) for k, v in metrics.items()}}) + '\n')
-    self.jsonl.flush()
+    with naming_full_disk(self.jsonl.name):
+      self.jsonl.write(json.dumps({'step': step, 'prefix': prefix, **{k: float(v) for k, v in metrics.items()}})
+                       + '\n')
+      self.jsonl.flush()
     shown = '  '.join(f'{k} {float(v):.4g}' for k, v in metrics.items())
     timing = f'  {rate:.2f} steps/s  ETA {_duration((self.total - step) / rate)}' if rate > 0 and prefix == 'train' else ''
     print(f'[{self.name}] step {step}/{self.total}  {prefix}: {shown}{timing}', flush=True)
@@ -74,6 +79,20 @@ class Progress:
       self.writer.close()
       self.jsonl.close()
     sys.stdout.flush()
+
+
+def _quiet_full_disk_in_threads() -> None:
+  """TensorBoard's writer thread dies with a traceback when the disk is full; the training thread reports the full
+  disk in one line at its next write (metrics.jsonl, an image, a checkpoint)."""
+  previous = threading.excepthook
+  if getattr(previous, 'oasis_jax', False):
+    return
+
+  def hook(args):
+    if not no_space_left(args.exc_value)[0]:
+      previous(args)
+  hook.oasis_jax = True
+  threading.excepthook = hook
 
 
 class History:

@@ -131,9 +131,14 @@ def num_steps(config, train_size: int) -> int:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains stage 1 in workdir (resuming from its latest checkpoint) and returns the last validation metrics."""
   check_config(config)
-  checkpoints.check_resumable(workdir, config, checkpoints.STAGE1, MUST_MATCH)
+  must_match, why = MUST_MATCH, None
+  if config.lr_schedule == 'cosine':   # laid out over the run's length: a longer run would raise the rate again
+    must_match += ('num_train_steps', 'num_epochs')
+    why = dict.fromkeys(('num_train_steps', 'num_epochs'), "the cosine learning-rate schedule is laid out over the "
+                        "run's length; extending it would raise the learning rate at the resume point")
+  checkpoints.check_resumable(workdir, config, checkpoints.STAGE1, must_match, why)
   with checkpoints.lock(workdir):   # a second run on the workdir stops here, before it writes anything
-    checkpoints.write_config(workdir, config, checkpoints.STAGE1, MUST_MATCH)
+    checkpoints.write_config(workdir, config, checkpoints.STAGE1, must_match, why)
     return _train(config, workdir)
 
 

@@ -45,7 +45,7 @@ bench: venv
 	$(PY) -m bench.sample
 
 soak: venv
-	$(PY) -m bench.soak_resume --kills=20
+	$(PY) -m bench.soak_resume --kills=20 --steps=1000
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

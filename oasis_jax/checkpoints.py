@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from oasis_jax import parallel
-from oasis_jax.errors import FREE_SPACE, DiskFull, UserError, naming_full_disk, no_space_left
+from oasis_jax.errors import DiskFull, UserError, naming_full_disk
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
@@ -181,13 +181,11 @@ def _saving(manager, step: int):
   absl_logger.addFilter(held)
   full = False
   try:
-    yield
-  except Exception as error:
-    full = no_space_left(error)[0]
-    if not full:
-      raise
-    raise DiskFull(f'{manager.directory}/{step}: no space left on device while saving this checkpoint; the earlier '
-                   f'ones are intact; {FREE_SPACE}') from None
+    with naming_full_disk(f'{manager.directory}/{step}', ' while saving this checkpoint; the earlier ones are intact'):
+      yield
+  except DiskFull:
+    full = True
+    raise
   finally:
     absl_logger.removeFilter(held)
     if not full:

@@ -43,11 +43,11 @@ FREE_SPACE = 'free some space and run the same command again (a training run res
 
 
 @contextlib.contextmanager
-def naming_full_disk(path: str):
-  """Turns a full disk while writing path into a DiskFull that names it."""
+def naming_full_disk(path: str, writing: str = ''):
+  """Turns a full disk while writing path (`writing`: what, for the message) into a DiskFull that names it."""
   try:
     yield
-  except OSError as error:
+  except Exception as error:   # an OSError, or a library's wrapper of one (orbax, tensorstore)
     if not no_space_left(error)[0]:
       raise
-    raise DiskFull(f'{path}: no space left on device; {FREE_SPACE}') from None
+    raise DiskFull(f'{path}: no space left on device{writing}; {FREE_SPACE}') from None

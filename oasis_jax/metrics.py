@@ -36,11 +36,11 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
 
 
 def _separable_filter(images, taps: np.ndarray):
-  """Filters [N, H, W] with the separable kernel taps x taps (VALID), as a matrix product along each axis: XLA:CPU
+  """Filters [..., H, W] with the separable kernel taps x taps (VALID), as a matrix product along each axis: XLA:CPU
   runs those as GEMMs, where single-channel convolutions run far below the machine's rate."""
-  h, w = images.shape[1:]
+  h, w = images.shape[-2:]
   rows, cols = _valid_filter_matrix(h, taps), _valid_filter_matrix(w, taps)
-  return jnp.einsum('ih,nhw,jw->nij', rows, images, cols, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum('ih,...hw,jw->...ij', rows, images, cols, precision=jax.lax.Precision.HIGHEST)
 
 
 def _ssim_terms(x, y):
@@ -109,10 +109,8 @@ def nearest_neighbour_ssim(queries, references, size: int = 64, chunk: int = 256
 def _best_ssim(queries, references):
   """[Q] max over references [R, h, w, 1] of SSIM(clip(query), reference), as `ssim` computes it, with its 11x11
   Gaussian (VALID) filtering written as two matrix products per image so that the Q x R pairs cost GEMMs."""
-  h, w = queries.shape[1:3]
-  taps = _gaussian_window()
-  rows, cols = _valid_filter_matrix(h, taps), _valid_filter_matrix(w, taps)
-  blur = lambda a: jnp.einsum('ih,...hw,jw->...ij', rows, a, cols, precision=jax.lax.Precision.HIGHEST)
+  window = _gaussian_window()
+  blur = lambda a: _separable_filter(a, window)
   x, y = jnp.clip(queries[..., 0], 0, 1), references[..., 0]
   mu_x, mu_y = blur(x)[:, None], blur(y)[None]
   epsilon = jnp.finfo(jnp.float32).eps ** 2

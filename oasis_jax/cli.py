@@ -4,7 +4,7 @@ import sys
 
 from absl import app, flags, logging
 
-from oasis_jax.errors import FREE_SPACE, DiskFull, Stopped, UserError, no_space_left
+from oasis_jax.errors import DiskFull, Stopped, UserError, full_disk_message, no_space_left
 
 
 def run(main):
@@ -29,7 +29,7 @@ def run(main):
       if not full:
         raise
       _quiet_shutdown()
-      sys.exit(f'error: {file or "a file"}: no space left on device; {FREE_SPACE}')
+      sys.exit(f'error: {full_disk_message(file or "a file")}')
   return wrapped
 
 

@@ -50,4 +50,8 @@ def naming_full_disk(path: str, writing: str = ''):
   except Exception as error:   # an OSError, or a library's wrapper of one (orbax, tensorstore)
     if not no_space_left(error)[0]:
       raise
-    raise DiskFull(f'{path}: no space left on device{writing}; {FREE_SPACE}') from None
+    raise DiskFull(full_disk_message(path, writing)) from None
+
+
+def full_disk_message(path: str, writing: str = '') -> str:
+  return f'{path}: no space left on device{writing}; {FREE_SPACE}'

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oasis_jax.data import demo_data, input_pipeline, oasis_files, tfds_oasis
+from oasis_jax.data import demo_data, input_pipeline, oasis_files, tfds_oasis, warped_fixture
 from oasis_jax.errors import UserError
 
 
@@ -283,3 +283,29 @@ def test_preparing_a_dataset_leaves_no_temporary_directories(tmp_path, monkeypat
   monkeypatch.setattr(tempfile, 'tempdir', str(scratch))   # where TFDS would leave its empty directory
   tfds_oasis.prepare('demo', cache_dir=str(tmp_path / 'cache'))
   assert os.listdir(scratch) == [] and tempfile.gettempdir() == str(scratch)
+
+
+def test_warped_fixture_is_another_brain_sample_in_the_oasis_layout(tmp_path, cache_dir):
+  """The quality-check fixture: case-disjoint splits the PNG builder reads, none of its slices a demo slice, the
+  same files for the same seed and other files for another."""
+  cases = {'train': 2, 'validate': 1, 'test': 1}
+  counts = warped_fixture.write(str(tmp_path / 'a'), seed=3, cases=cases, slices_per_case=6)
+  assert counts == {'train': 12, 'validate': 6, 'test': 6}
+  files = {split: oasis_files.list_png_split(str(tmp_path / 'a'), split) for split in demo_data.SPLITS}
+  case_sets = {split: {case for case, _, _ in found} for split, found in files.items()}
+  assert case_sets == {'train': {1, 2}, 'validate': {3}, 'test': {4}}
+  builder = tfds_oasis.prepare('oasis_png', str(tmp_path / 'a'), cache_dir)
+  assert len(builder.as_data_source('train')) == 12
+  demo = np.stack([image for _, _, image, _ in demo_data.demo_examples('train')]).astype(np.float32)
+  for _, _, path in files['test']:
+    image = np.asarray(Image.open(path)).astype(np.float32)
+    assert image.shape == (256, 256) and image.max() > 100
+    inside = (demo > 0) | (image > 0)
+    distance = (np.abs(demo - image) * inside).sum(axis=(1, 2)) / inside.sum(axis=(1, 2))
+    assert distance.min() > 10   # inside the brain, no demo slice is within 10 grey levels of it on average
+  again = warped_fixture.write(str(tmp_path / 'b'), seed=3, cases=cases, slices_per_case=6)
+  other = warped_fixture.write(str(tmp_path / 'c'), seed=4, cases=cases, slices_per_case=6)
+  assert again == counts and other == counts
+  read = lambda root: [np.asarray(Image.open(p)) for _, _, p in oasis_files.list_png_split(str(tmp_path / root), 'test')]
+  assert all(np.array_equal(x, y) for x, y in zip(read('a'), read('b')))
+  assert not any(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(read('a'), read('c')))

@@ -46,10 +46,14 @@ class Discriminator(nn.Module):
     return self.head(x.flatten(1))[:, 0]
 
 
-def make_train_step(generator, discriminator, codebook, latent_dim, learning_rate, r1_gamma=1.0, temperature=1.0):
+def make_train_step(generator, discriminator, codebook, latent_dim, learning_rate, r1_gamma=1.0, temperature=1.0,
+                    r1_every=1):
+  """The step oasis_jax's gan_trainer runs: one generator forward pass whose fakes train D (detached) and then G;
+  R1 on real inputs every r1_every-th step, scaled by r1_every (lazy R1)."""
   g_opt = torch.optim.Adam(generator.parameters(), lr=learning_rate, betas=(0.5, 0.999))
   d_opt = torch.optim.Adam(discriminator.parameters(), lr=learning_rate, betas=(0.5, 0.999))
   k = codebook.shape[0]
+  count = [0]
 
   def generate(n):
     logits = generator(torch.randn(n, latent_dim))
@@ -60,17 +64,21 @@ def make_train_step(generator, discriminator, codebook, latent_dim, learning_rat
 
   def step(real_codes):
     n = real_codes.shape[0]
-    real = codebook[real_codes].permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+    count[0] += 1
+    with_r1 = r1_gamma > 0 and count[0] % r1_every == 0
+    real = codebook[real_codes].permute(0, 3, 1, 2).contiguous().requires_grad_(with_r1)
     d_opt.zero_grad(set_to_none=True)
-    fake = generate(n).detach()
+    fake = generate(n)
     real_logits = discriminator(real)
-    loss = F.softplus(-real_logits).mean() + F.softplus(discriminator(fake)).mean()
-    grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-    (loss + r1_gamma / 2 * grad.pow(2).sum((1, 2, 3)).mean()).backward()
+    loss = F.softplus(-real_logits).mean() + F.softplus(discriminator(fake.detach())).mean()
+    if with_r1:
+      grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+      loss = loss + r1_gamma / 2 * r1_every * grad.pow(2).sum((1, 2, 3)).mean()
+    loss.backward()
     d_opt.step()
     g_opt.zero_grad(set_to_none=True)
-    g_loss = F.softplus(-discriminator(generate(n))).mean()
+    g_loss = F.softplus(-discriminator(fake)).mean()
     g_loss.backward()
     g_opt.step()
-    return g_loss
+    return g_loss.detach()
   return step

@@ -30,11 +30,16 @@ def pmapped_step(config, stage1, with_r1=True):
 
 
 def model_flops(config, stage1, real_codes, codebook) -> float:
-  """FLOPs of one G+D step written with direct convolutions (XLA's cost analysis, before compiling)."""
+  """FLOPs of one G+D step written with direct convolutions (XLA's cost analysis, before compiling), averaged over
+  a lazy-R1 cycle (one step in config.r1_every has the penalty)."""
   config = config.copy_and_resolve_references()
   config.conv_impl = 'xla'
   states = parallel.replicate(gan_trainer.create_states(config, stage1, jax.random.key(0)))
-  return xla_flops(pmapped_step(config, stage1).lower(states, real_codes[None], jax.random.key(1), codebook))
+  flops = lambda with_r1: xla_flops(pmapped_step(config, stage1, with_r1).lower(
+      states, real_codes[None], jax.random.key(1), codebook))
+  if config.r1_every == 1:
+    return flops(True)
+  return (flops(True) + (config.r1_every - 1) * flops(False)) / config.r1_every
 
 
 def jax_runner(config, stage1, real_codes, codebook):
@@ -64,7 +69,8 @@ def torch_runner(config, stage1, real_codes, codebook, compiled):
   discriminator = torch_dcgan.Discriminator(size, stage1.embedding_dim, config.discriminator_width,
                                             config.minibatch_std_group)
   step = torch_dcgan.make_train_step(generator, discriminator, torch.from_numpy(np.asarray(codebook)),
-                                     config.latent_dim, config.learning_rate, config.r1_gamma)
+                                     config.latent_dim, config.learning_rate, config.r1_gamma,
+                                     r1_every=config.r1_every)
   if compiled:
     step = torch.compile(step)
   codes = torch.from_numpy(np.asarray(real_codes, np.int64))
@@ -74,7 +80,7 @@ def torch_runner(config, stage1, real_codes, codebook, compiled):
       loss = step(codes)
     float(loss)
     return steps
-  run(2)
+  run(max(2, config.r1_every))   # a whole lazy-R1 cycle: a compiled step that cannot run R1 fails here
   return run
 
 
@@ -82,7 +88,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--sizes', default='seed,demo')
   parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument('--r1_every', default='1', help='Lazy R1 intervals to time (config.r1_every), e.g. 1,16.')
+  parser.add_argument('--r1_every', default='', help="Lazy R1 intervals to time (config.r1_every), e.g. 1,16; "
+                      "default: the recipe's. The PyTorch peers run the recipe's.")
   parser.add_argument('--conv_impls', default='xla,auto,auto+xla_transforms',
                       help='oasis_jax variants: config.conv_impl, +xla_transforms: Winograd minus native kernels')
   args = parser.parse_args()
@@ -96,7 +103,8 @@ def main():
     real_codes = rng.integers(0, k, (config.batch_size, s, s)).astype(np.int32)
     codebook = rng.standard_normal((k, stage1.embedding_dim)).astype(np.float32)
     runners = {}
-    r1_intervals = [int(k) for k in args.r1_every.split(',')]
+    recipe_r1_every = config.r1_every
+    r1_intervals = [int(k) for k in args.r1_every.split(',')] if args.r1_every else [recipe_r1_every]
     for spec in args.conv_impls.split(','):   # 'auto+xla_transforms': Winograd without the native kernels
       for r1_every in r1_intervals:
         config.conv_impl, context = conv_variant(spec)
@@ -104,7 +112,7 @@ def main():
         name = f'oasis_jax conv {spec}' + (f' r1/{r1_every}' if len(r1_intervals) > 1 else '')
         with context:
           runners[name] = jax_runner(config, stage1, real_codes, codebook)   # traces here
-    config.r1_every = 1
+    config.r1_every = recipe_r1_every
     flops = model_flops(config, stage1, real_codes, codebook)
     for mode in ('eager', 'compiled'):
       try:

@@ -28,7 +28,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   # "Stage 2 design").
   config.loss = 'nonsaturating'  # or 'hinge'
   config.r1_gamma = 1.0          # R1 gradient penalty on real code maps
-  config.r1_every = 1            # lazy R1 (StyleGAN2): the penalty x r1_every on every r1_every-th step only
+  config.r1_every = 16           # lazy R1 (StyleGAN2): the penalty x r1_every on every r1_every-th step only
   config.minibatch_std_group = 4 # minibatch standard-deviation feature in the discriminator (group size)
   config.generator_ema = 0.0     # EMA decay of the generator weights that samples are drawn from
   # DiffAugment (Zhao et al. 2020) of what the discriminator sees, real and generated alike: '' (none) or a
@@ -56,10 +56,10 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.discriminator_width = 32
     config.batch_size = 32
     config.learning_rate = 5e-4
-    config.num_train_steps = 1000
-    config.log_every_steps = 50
-    config.sample_every_steps = 200
-    config.checkpoint_every_steps = 200
+    config.num_train_steps = 2000
+    config.log_every_steps = 100
+    config.sample_every_steps = 400
+    config.checkpoint_every_steps = 400
   elif variant == 'tiny':
     config.generator_width = 8
     config.conv_impl = 'xla'       # tiny layers: compile time dominates

@@ -7,6 +7,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -96,6 +97,11 @@ def test_generator_codes_are_valid_indices_for_any_input(head):
   assert discriminator.apply(d_vars, jnp.zeros((3, 16, 16, 8))).shape == (3,)
 
 
+def _with_sgd(states):
+  """The (generator, discriminator) states with plain SGD at rate 1: a step moves the parameters by -gradient."""
+  return tuple(state.replace(tx=optax.sgd(1.0), opt_state=optax.sgd(1.0).init(state.params)) for state in states)
+
+
 @pytest.mark.parametrize('overrides', [
     {},
     {'head': 'latent', 'loss': 'hinge', 'minibatch_std_group': 2, 'r1_gamma': 1.0, 'generator_ema': 0.9,
@@ -105,7 +111,9 @@ def test_two_device_gan_step_equals_one_device_step(overrides):
   stage1 = vqvae_configs.get_config('tiny')
   config = gan_configs.get_config('tiny')
   config.update(overrides)
-  states = jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0)))
+  # Plain SGD, so that the states compare gradients: Adam's first update g / (|g| + eps) magnifies the float
+  # rounding of near-zero gradients (one element in 8192 moved 2e-5 in a run).
+  states = _with_sgd(jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0))))
   codebook = jax.random.normal(jax.random.key(1), (32, 8))
   real = np.asarray(jax.random.randint(jax.random.key(2), (8, 16, 16), 0, 32))
   generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
@@ -147,6 +155,43 @@ def test_lazy_r1_step_is_the_r1_step_with_gamma_times_the_interval():
   for a, b in zip(jax.tree.leaves(lazy), jax.tree.leaves(every)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert lazy_r1 == pytest.approx(4 * every_r1, rel=1e-5) and every_r1 > 0   # the metric is the scaled penalty
+
+
+@pytest.mark.parametrize('head', ['logits', 'latent'])
+def test_one_generator_pass_gives_the_generator_gradient_under_the_updated_discriminator(head):
+  """The step's generator gradient equals a directly computed one: G's loss (plus the latent head's commitment)
+  through a fresh forward pass with the step's noise, scored by the discriminator after its update. Plain SGD with
+  rate 1 makes the parameter change the gradient itself (Adam's first update would be only its sign)."""
+  stage1 = vqvae_configs.get_config('tiny')
+  config = gan_configs.get_config('tiny')
+  config.head, config.r1_gamma = head, 1.0
+  states = _with_sgd(jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0))))
+  codebook = jax.random.normal(jax.random.key(1), (32, 8))
+  real = np.asarray(jax.random.randint(jax.random.key(2), (1, 8, 16, 16), 0, 32))
+  generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
+  step = jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
+                                    discriminator=discriminator),
+                  axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=jax.local_devices()[:1])
+  key = jax.random.key(3)
+  (g_after, d_after), _ = jax.device_get(step(jax.tree.map(lambda x: np.asarray(x)[None], states), real, key, codebook))
+  d_params = jax.tree.map(lambda x: x[0], d_after.params)
+
+  z_key, gumbel_key = jax.random.split(jax.random.split(key)[0])   # the step's noise for rows 0..7
+  rows = jnp.arange(8)
+  z = sampling.per_row_noise(z_key, rows, lambda k: jax.random.normal(k, (config.latent_dim,)))
+  g_model, d_model = sampling.make_models(config, stage1)
+
+  def loss(g_params):
+    outputs = g_model.apply({'params': g_params, 'batch_stats': states[0].batch_stats}, z, train=True,
+                            mutable=['batch_stats'])[0]
+    gumbel = sampling.per_row_noise(gumbel_key, rows, lambda k: jax.random.gumbel(k, outputs.shape[1:]))
+    fake, _, penalty = gan_trainer.generated_codes(outputs, codebook, config, gumbel)
+    return gan_trainer.generator_loss(d_model.apply({'params': d_params}, fake), config.loss) + penalty
+  expected = jax.grad(loss)(states[0].params)
+  step_gradient = jax.tree.map(lambda before, after: before - after[0], states[0].params, g_after.params)
+  for a, b in zip(jax.tree.leaves(step_gradient), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+  assert max(np.abs(leaf).max() for leaf in jax.tree.leaves(expected)) > 1e-3
 
 
 def test_train_gan_logs_and_checkpoints(tiny_chain):

@@ -1,8 +1,9 @@
 """Stage-2 training: `train_and_evaluate(config, workdir)` for the DCGAN over stage-1 code maps.
 
 The real code maps are made once at start: stage 1's encoder + codebook over every training slice. Each pmapped step
-updates the discriminator (optionally with an R1 penalty), then the generator (non-saturating or hinge loss), with
-gradients and batch-norm statistics averaged over devices. Every `sample_every_steps` the generator's samples are
+runs the generator forward once, updates the discriminator on that batch (with the R1 penalty on every r1_every-th
+step), then the generator (non-saturating or hinge loss) through the same forward pass, with gradients and
+batch-norm statistics averaged over devices. Every `sample_every_steps` the generator's samples are
 rendered and scored against validation slices (sliced Wasserstein distance, MS-SSIM diversity); WORKDIR/best/ keeps
 the checkpoint with the lowest SWD, which sample.py and evaluate use.
 """
@@ -120,7 +121,7 @@ def generator_loss(fake_logits, kind: str):
 
 
 def train_step(states, real_codes, key, codebook, *, config, generator, discriminator, with_r1: bool = True):
-  """One discriminator update, then one generator update, on this device's shard of the batch.
+  """One discriminator update, then one generator update on the same generated batch, on this device's shard.
 
   with_r1: add the R1 penalty, scaled by config.r1_every (lazy regularisation, as in StyleGAN2: the step that
   applies it every r1_every steps stands for all of them); its metric 'r1' is that scaled penalty, 0 without."""
@@ -129,29 +130,31 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
   # Noise is drawn per global row (key folded with the row's index in the global batch), so a step is the same
   # function of the global batch on 1 device or on many.
   rows = jax.lax.axis_index(parallel.AXIS) * batch + jnp.arange(batch)
-  d_key, g_key = jax.random.split(key)
+  g_key = jax.random.split(key)[0]
   policy = augment.check_policy(config.get('augment', ''))
-  augment_key = jax.random.fold_in(key, 7)   # leaves d_key and g_key as they are without augmentation
+  augment_key = jax.random.fold_in(key, 7)   # leaves g_key as it is without augmentation
 
   def seen(embeddings, use):   # what the discriminator sees: DiffAugment's transforms, the same for real and fake
     return augment.augment(embeddings, jax.random.fold_in(augment_key, use), rows, policy,
                            config.get('augment_translation', 0.125))
 
-  def generate(g_params, key):
-    z_key, gumbel_key = jax.random.split(key)
+  def generate(g_params):
+    z_key, gumbel_key = jax.random.split(g_key)
     z = sampling.per_row_noise(z_key, rows, lambda k_: jax.random.normal(k_, (config.latent_dim,)))
     outputs, updates = generator.apply({'params': g_params, 'batch_stats': g_state.batch_stats}, z, train=True,
                                        mutable=['batch_stats'])
     gumbel = sampling.per_row_noise(gumbel_key, rows, lambda k_: jax.random.gumbel(k_, outputs.shape[1:], outputs.dtype))
     fake, codes, penalty = generated_codes(outputs, codebook, config, gumbel)
-    return fake, codes, penalty, updates['batch_stats']
+    return (fake, jnp.asarray(penalty, fake.dtype)), (codes, updates['batch_stats'])
 
-  fake = seen(generate(g_state.params, d_key)[0], 0)
+  # One generator pass serves both updates: its fakes train D (as constants), then its VJP carries the generator
+  # loss under the updated D back to G's parameters.
+  (fake, penalty), g_vjp, (codes, batch_stats) = jax.vjp(generate, g_state.params, has_aux=True)
   real = seen(jnp.take(codebook, real_codes, axis=0), 1)   # = one_hot(real codes) @ codebook
 
   def d_loss_fn(d_params):
     apply = lambda x: discriminator.apply({'params': d_params}, x)
-    real_logits, fake_logits = apply(real), apply(jax.lax.stop_gradient(fake))
+    real_logits, fake_logits = apply(real), apply(seen(fake, 0))
     loss = discriminator_loss(real_logits, fake_logits, config.loss)
     r1 = 0.0
     if config.r1_gamma > 0 and with_r1:   # R1 (Mescheder et al. 2018): gradient penalty on real inputs
@@ -165,12 +168,9 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
   (_, (d_loss, r1, d_real, d_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_state.params)
   d_state = d_state.apply_gradients(grads=jax.lax.pmean(d_grads, parallel.AXIS))
 
-  def g_loss_fn(g_params):
-    fake, codes, penalty, batch_stats = generate(g_params, g_key)
-    loss = generator_loss(discriminator.apply({'params': d_state.params}, seen(fake, 2)), config.loss)
-    return loss + penalty, (loss, batch_stats, codes)
-
-  (_, (g_loss, batch_stats, codes)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_state.params)
+  fake_loss = lambda fake_: generator_loss(discriminator.apply({'params': d_state.params}, seen(fake_, 2)), config.loss)
+  g_loss, fake_grad = jax.value_and_grad(fake_loss)(fake)
+  g_grads, = g_vjp((fake_grad, jnp.ones_like(penalty)))
   g_state = g_state.apply_gradients(grads=jax.lax.pmean(g_grads, parallel.AXIS)).replace(batch_stats=batch_stats)
   g_state = g_state.replace(ema_params=optax.incremental_update(g_state.params, g_state.ema_params,
                                                                 1.0 - config.generator_ema))

@@ -62,6 +62,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.num_residual_layers = 1
     config.embedding_dim = 16
     config.num_embeddings = 64
+    config.ema_decay = 0.95        # a 300-step run: codes that fall out of use are restarted within ~70 steps
     config.batch_size = 8
     config.learning_rate = 2e-3
     config.num_epochs = 0

@@ -64,11 +64,16 @@ def _volumes():
   return t1, segmentation_labels(t1, gm, wm)
 
 
-def brain_slice_indices() -> np.ndarray:
-  """The z indices of the axial slices that contain brain (142 of 189)."""
-  t1 = _volumes()[0]
-  fraction = (t1 > 0.1 * t1.max()).mean(axis=(0, 1))
+def brain_slice_indices(volume: np.ndarray | None = None) -> np.ndarray:
+  """The z indices of the axial slices of volume (default: the template, 142 of 189) that contain brain."""
+  volume = _volumes()[0] if volume is None else volume
+  fraction = (volume > 0.1 * volume.max()).mean(axis=(0, 1))
   return np.nonzero(fraction > _MIN_BRAIN_FRACTION)[0]
+
+
+def template_t1() -> np.ndarray:
+  """The MNI152 T1 template as float32 (x, y, z), max 255."""
+  return _volumes()[0]
 
 
 def split_of_position(position: int) -> str:

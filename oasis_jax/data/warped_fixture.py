@@ -48,8 +48,7 @@ def warp_case(t1: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def case_slices(volume: np.ndarray, rng: np.random.Generator, count: int = SLICES_PER_CASE):
   """(z, 256x256 uint8 slice) for `count` brain-containing axial slices of a case, evenly spread, random phase."""
-  fraction = (volume > 0.1 * 255).mean(axis=(0, 1))
-  brain = np.nonzero(fraction > 0.02)[0]
+  brain = demo_data.brain_slice_indices(volume)
   picks = np.linspace(brain[0], brain[-1], count) + rng.uniform(-1, 1)
   zs = np.unique(np.clip(np.round(picks).astype(int), brain[0], brain[-1]))
   return [(int(z), np.round(demo_data.axial_slice(volume, z)).astype(np.uint8)) for z in zs]
@@ -58,7 +57,7 @@ def case_slices(volume: np.ndarray, rng: np.random.Generator, count: int = SLICE
 def write(root: str, seed: int = 1234, cases=None, slices_per_case: int = SLICES_PER_CASE) -> dict:
   """Writes root/keras_png_slices_{split}/case_XXX_slice_Z.nii.png; returns the number of slices per split."""
   cases = dict(CASES if cases is None else cases)
-  t1 = demo_data._volumes()[0]
+  t1 = demo_data.template_t1()
   rng = np.random.default_rng(seed)
   counts, case_id = {}, 1
   for split, num_cases in cases.items():

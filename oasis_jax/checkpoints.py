@@ -187,8 +187,8 @@ def _saving(manager, step: int):
     full = True
     raise
   finally:
-    absl_logger.removeFilter(held)
-    if not full:
+    if not full:   # after a full disk the filter stays: the save's other background writes fail and log later
+      absl_logger.removeFilter(held)
       for record in held.records:
         absl_logger.handle(record)
 

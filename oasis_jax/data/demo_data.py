@@ -66,7 +66,7 @@ def _volumes():
 
 def brain_slice_indices(volume: np.ndarray | None = None) -> np.ndarray:
   """The z indices of the axial slices of volume (default: the template, 142 of 189) that contain brain."""
-  volume = _volumes()[0] if volume is None else volume
+  volume = template_t1() if volume is None else volume
   fraction = (volume > 0.1 * volume.max()).mean(axis=(0, 1))
   return np.nonzero(fraction > _MIN_BRAIN_FRACTION)[0]
 

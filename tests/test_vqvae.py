@@ -132,12 +132,16 @@ def tiny_batch(cache_dir):
   return input_pipeline.train_dataset(source, input_pipeline.Sharding(8, local_devices=1, image_size=64), seed=0)[0][0]
 
 
-@pytest.mark.parametrize('conv_impl', ['xla', 'winograd'])
-def test_two_device_step_equals_one_device_step(tiny_batch, conv_impl):
+@pytest.mark.parametrize('conv_impl, clip_margin', [('xla', 0.0), ('winograd', 0.0), ('xla', 0.05)])
+def test_two_device_step_equals_one_device_step(tiny_batch, conv_impl, clip_margin):
   assert jax.local_device_count() == 2
   config = vqvae_configs.get_config('tiny')
-  config.conv_impl = conv_impl
+  config.conv_impl, config.clip_margin = conv_impl, clip_margin
   state = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(0)))
+  if clip_margin:   # the output's bias at -0.52: black pixels come out near -0.02, inside the margin
+    params = jax.tree.map(np.array, state.params)
+    params['decoder']['Upsample_1']['Conv_0']['bias'][:] = -0.52
+    state = state.replace(params=params)
   step = functools.partial(vqvae_trainer.train_step, config=config, data_variance=0.08)
   key = jax.random.key(7)
   results = []
@@ -158,6 +162,10 @@ def test_two_device_step_equals_one_device_step(tiny_batch, conv_impl):
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
     np.testing.assert_allclose(a, b, atol=tolerance, rtol=1e-5)
   np.testing.assert_allclose(one_metrics['loss'][0], two_metrics['loss'][0], rtol=1e-5)
+  if clip_margin:   # the margin is in play: it forgives black pixels of this state's reconstructions
+    reconstruction = state.apply_fn({'params': state.params, vqvae.VQ: state.vq}, tiny_batch)[0]
+    forgiven = vqvae_trainer.reconstruction_error(reconstruction, tiny_batch, clip_margin) == 0
+    assert 0.1 < float(jnp.mean(forgiven & (tiny_batch == 0)))
 
 
 def test_steps_per_call_equal_single_steps(tiny_batch):
@@ -258,6 +266,17 @@ def test_bfloat16_compute_keeps_float32_state_and_tracks_the_float32_step(tiny_b
   np.testing.assert_allclose(losses['bfloat16'], losses['float32'], rtol=0.05)
 
 
+def test_clip_margin_forgives_only_what_clipping_renders_exactly():
+  batch = jnp.array([0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0])
+  reconstruction = jnp.array([-0.03, -0.2, 0.1, 0.0, -0.1, 0.7, 1.04, 1.3, 0.9])
+  np.testing.assert_allclose(vqvae_trainer.reconstruction_error(reconstruction, batch),
+                             [-0.03, -0.2, 0.1, 0.0, -0.6, 0.2, 0.04, 0.3, -0.1], atol=1e-6)
+  # Black: free down to -0.05, then the excess; grey pixels keep their whole error, even below 0; white: free up
+  # to 1.05.
+  np.testing.assert_allclose(vqvae_trainer.reconstruction_error(reconstruction, batch, clip_margin=0.05),
+                             [0.0, -0.15, 0.1, 0.0, -0.6, 0.2, 0.0, 0.25, -0.1], atol=1e-6)
+
+
 def test_learning_rate_schedules():
   config = vqvae_configs.get_config('tiny')
   assert vqvae_trainer.learning_rate(config, 1000) == config.learning_rate == 3e-3
@@ -328,6 +347,7 @@ def test_load_stage1_gives_the_trained_model(tiny_chain):
     ({'dataset': 'oasis_png', 'data_dir': '/nonexistent/oasis'},
      '/nonexistent/oasis: config.data_dir does not exist or is not a directory'),
     ({'num_embeddings': 1}, 'config.num_embeddings=1: expected at least 2 codes'),
+    ({'clip_margin': -0.1}, 'config.clip_margin=-0.1: expected a value in [0, 1]'),
     ({'batch_size': -4}, 'config.batch_size=-4: expected a positive multiple of the device count 2'),
     ({'batch_size': 5}, 'config.batch_size=5: expected a positive multiple of the device count 2'),
 ])

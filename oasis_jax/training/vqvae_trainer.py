@@ -44,6 +44,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.learning_rate={config.learning_rate}: expected a positive number')
   if config.upsample not in ('subpixel', 'transpose'):
     raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
+  if not 0 <= config.clip_margin <= 1:
+    raise UserError(f'config.clip_margin={config.clip_margin}: expected a value in [0, 1]')
   if config.best_metric not in ('ssim', 'psnr'):
     raise UserError(f'config.best_metric={config.best_metric!r}: expected ssim or psnr')
   ops.check_conv_impl(config.conv_impl)
@@ -75,12 +77,26 @@ def create_state(config, key, total_steps: int = 0) -> TrainState:
   return jax.jit(create)(key)
 
 
+def reconstruction_error(reconstruction, batch, clip_margin: float = 0.0):
+  """reconstruction - batch, where clip_margin > 0 forgives what rendering (clipping to [0, 1]) makes exact: on
+  black pixels (0) outputs in [-clip_margin, 0], on white ones (1) outputs in [1, 1 + clip_margin]. The black
+  background around the brain can then come out exactly black, not a faint haze; the margin keeps it near 0, so
+  that the edge of the brain stays a short step."""
+  error = reconstruction - batch
+  if not clip_margin:
+    return error
+  black = jnp.maximum(error, 0) + jnp.minimum(error + clip_margin, 0)
+  white = jnp.minimum(error, 0) + jnp.maximum(error - clip_margin, 0)
+  return jnp.where(batch <= 0, black, jnp.where(batch >= 1, white, error))
+
+
 def train_step(state: TrainState, batch, key, *, config, data_variance: float):
   """One step on this device's shard of the global batch; gradients are pmean-ed and code statistics psum-ed."""
 
   def loss_fn(params):
     reconstruction, z, quantized, codes = state.apply_fn({'params': params, vqvae.VQ: state.vq}, batch)
-    reconstruction_loss = jnp.mean((reconstruction - batch) ** 2) / data_variance
+    error = reconstruction_error(reconstruction, batch, config.get('clip_margin', 0.0))
+    reconstruction_loss = jnp.mean(error ** 2) / data_variance
     commitment_loss = jnp.mean((z - jax.lax.stop_gradient(quantized)) ** 2)
     return reconstruction_loss + config.commitment_cost * commitment_loss, (reconstruction_loss, commitment_loss, z, codes)
 

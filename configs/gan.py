@@ -51,7 +51,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
 
   if variant == 'demo':
     config.vqvae_workdir = 'runs/demo/vqvae'
-    config.conv_impl = 'xla'       # 32-wide layers (docs/performance.md compares the forms at these sizes)
+    config.conv_impl = 'xla'       # 16/32-wide layers: 'auto' is no faster (docs/performance.md compares them)
     config.generator_width = 16    # the generator holds most of the step's FLOPs: at 16, 2000 steps fit the demo
     config.discriminator_width = 32
     config.batch_size = 32

@@ -1,5 +1,6 @@
 """The boundary between the top-level scripts and the package: user errors become one line and exit status 1."""
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -72,10 +73,17 @@ def parse_flags(argv):
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as error:
-    name = str(error).strip('"\'')
+    # ml_collections' message: "'name'", then possibly a line 'Did you mean "x" instead of "name"?'.
+    while error.args and isinstance(error.args[0], BaseException):   # an AttributeError wraps the KeyError
+      error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    first, _, rest = text.partition('\n')
+    name = first.strip('"\'')
+    close = re.search(r'Did you mean "([^"]+)"', rest)
+    hint = f'; did you mean {close.group(1)}?' if close else ''
     culprit = next((a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and name in a.split('=')[0]),
                    f'--config.{name}')
-    sys.exit(f'error: {culprit}: unknown config field {name!r} (the config file lists the fields)')
+    sys.exit(f'error: {culprit}: unknown config field {name!r} (the config file lists the fields{hint})')
 
 
 def enable_compilation_cache() -> None:

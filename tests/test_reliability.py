@@ -203,6 +203,9 @@ def test_bad_input_matrix(case, call, message, workdirs, tmp_path, edit_saved_co
 @pytest.mark.parametrize('args, message', [
     (['train_vqvae.py', '--config=configs/vqvae.py:tiny', '--workdir={tmp}/a', '--config.widht=3'],
      r"error: --config.widht: unknown config field 'widht' \(the config file lists the fields\)"),
+    (['train_gan.py', '--config=configs/gan.py:tiny', '--workdir={tmp}/g', '--config.discriminator_widht=3'],
+     r"error: --config.discriminator_widht: unknown config field 'discriminator_widht' "
+     r"\(the config file lists the fields; did you mean discriminator_width\?\)"),
     (['-m', 'oasis_jax.evaluate', '--split=test'],
      r'error: --workdir is required: the directory for checkpoints, logs and images'),
 ])

@@ -1,5 +1,7 @@
 """Image and codebook metrics. SSIM/PSNR on images in [0, 1] (dm-pix; SSIM with the standard 11x11 Gaussian
 window, sigma 1.5)."""
+import functools
+
 import dm_pix
 import jax
 import jax.numpy as jnp
@@ -136,15 +138,28 @@ _BINOMIAL = np.array([1, 4, 6, 4, 1], np.float32) / 16
 
 def laplacian_pyramid(images, min_size: int = 16) -> list:
   """[N, H, W] -> Laplacian levels, finest first (Karras et al. 2018: 5x5 binomial filter, down to 16x16)."""
-  blur = lambda a: _separable_filter(jnp.pad(a, ((0, 0), (2, 2), (2, 2)), mode='reflect'), _BINOMIAL)
-  levels, current = [], jnp.asarray(images, jnp.float32)
+  return list(_laplacian_pyramid(jnp.asarray(images, jnp.float32), min_size))
+
+
+def _binomial_blur(images):
+  """The 5x5 binomial filter of [N, H, W] with reflected borders, as five shifted adds per axis (a separable 5-tap
+  filter: far less work than the dense matrix product _separable_filter spends on wide images)."""
+  h, w = images.shape[1:]
+  padded = jnp.pad(images, ((0, 0), (2, 2), (2, 2)), mode='reflect')
+  rows = sum(float(tap) * padded[:, k:k + h, :] for k, tap in enumerate(_BINOMIAL))
+  return sum(float(tap) * rows[:, :, k:k + w] for k, tap in enumerate(_BINOMIAL))
+
+
+@functools.partial(jax.jit, static_argnames=('min_size',))
+def _laplacian_pyramid(images, min_size: int):
+  levels, current = [], images
   while current.shape[1] > min_size:
-    smaller = blur(current)[:, ::2, ::2]
-    up = jnp.zeros_like(current).at[:, ::2, ::2].set(smaller * 4)
-    levels.append(current - blur(up))
+    smaller = _binomial_blur(current)[:, ::2, ::2]
+    up = jax.lax.pad(smaller * 4, 0.0, ((0, 0, 0), (0, 1, 1), (0, 1, 1)))   # zeros between and after: [N, H, W]
+    levels.append(current - _binomial_blur(up))
     current = smaller
   levels.append(current)
-  return levels
+  return tuple(levels)
 
 
 def _patch_descriptors(level, rng, count: int, patch: int = 7) -> np.ndarray:
@@ -162,7 +177,8 @@ def sliced_wasserstein(a, b, rng, directions: int = 512) -> float:
   """Sliced Wasserstein distance between two equally sized sets of descriptors, over random unit directions."""
   projections = rng.standard_normal((a.shape[1], directions)).astype(np.float32)
   projections /= np.linalg.norm(projections, axis=0, keepdims=True)
-  pa, pb = np.sort(a @ projections, axis=0), np.sort(b @ projections, axis=0)
+  # [directions, descriptors], each row contiguous: sorting rows is ~3x faster than sorting strided columns.
+  pa, pb = np.sort(projections.T @ a.T, axis=1), np.sort(projections.T @ b.T, axis=1)
   return float(np.mean(np.abs(pa - pb)))
 
 

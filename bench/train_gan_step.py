@@ -66,11 +66,12 @@ def torch_runner(config, stage1, real_codes, codebook, compiled):
   torch.manual_seed(0)
   size = sampling.code_size(stage1)
   generator = torch_dcgan.Generator(size, stage1.num_embeddings, config.generator_width, config.latent_dim)
-  discriminator = torch_dcgan.Discriminator(size, stage1.embedding_dim, config.discriminator_width,
-                                            config.minibatch_std_group)
+  one_hot = config.discriminator_input == 'one_hot'
+  discriminator = torch_dcgan.Discriminator(size, gan_trainer.discriminator_channels(config, stage1),
+                                            config.discriminator_width, config.minibatch_std_group)
   step = torch_dcgan.make_train_step(generator, discriminator, torch.from_numpy(np.asarray(codebook)),
                                      config.latent_dim, config.learning_rate, config.r1_gamma,
-                                     r1_every=config.r1_every)
+                                     r1_every=config.r1_every, one_hot=one_hot)
   if compiled:
     step = torch.compile(step)
   codes = torch.from_numpy(np.asarray(real_codes, np.int64))
@@ -90,6 +91,8 @@ def main():
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--r1_every', default='', help="Lazy R1 intervals to time (config.r1_every), e.g. 1,16; "
                       "default: the recipe's. The PyTorch peers run the recipe's.")
+  parser.add_argument('--discriminator_input', default='', choices=['', 'embedding', 'one_hot'],
+                      help="config.discriminator_input, for oasis_jax and the PyTorch peers; default: the recipe's")
   parser.add_argument('--conv_impls', default='xla,auto,auto+xla_transforms',
                       help='oasis_jax variants: config.conv_impl, +xla_transforms: Winograd minus native kernels')
   args = parser.parse_args()
@@ -98,6 +101,7 @@ def main():
   for size in args.sizes.split(','):
     variant = 'default' if size == 'seed' else size
     config, stage1 = gan_configs.get_config(variant), vqvae_configs.get_config(variant)
+    config.discriminator_input = args.discriminator_input or config.discriminator_input
     s, k = sampling.code_size(stage1), stage1.num_embeddings
     rng = np.random.default_rng(0)
     real_codes = rng.integers(0, k, (config.batch_size, s, s)).astype(np.int32)
@@ -123,7 +127,8 @@ def main():
     medians = alternating_medians({name: functools.partial(run, steps) for name, run in runners.items()},
                                   args.rounds)
     print(f'\n{size}: {s}x{s} code maps, K={k}, D={stage1.embedding_dim}, batch {config.batch_size}, widths '
-          f'{config.generator_width}; {args.rounds} alternating rounds of {steps} steps')
+          f'{config.generator_width}, discriminator on {config.discriminator_input}; {args.rounds} alternating rounds '
+          f'of {steps} steps')
     rates = {}
     for name, median in medians.items():
       rates[name] = config.batch_size / median

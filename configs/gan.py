@@ -23,6 +23,10 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   #   'latent': a D-dim latent per position, nearest codebook vector, straight-through (design b).
   config.head = 'logits'
   config.gumbel_temperature = 1.0
+  # What the discriminator sees of a code map: 'embedding' (one-hot codes @ the frozen stage-1 codebook, [s, s, D])
+  # or 'one_hot' (the codes themselves, [s, s, K]: every two equally far apart; head 'logits' only; README, "Stage 2
+  # design", compares them).
+  config.discriminator_input = 'embedding'
   config.latent_commitment = 0.25  # head 'latent': weight of ||latent - its codebook vector||^2
   # Stabilisers (0 = off). Without the minibatch-std feature and R1 the generator collapses to one slice (README,
   # "Stage 2 design").

@@ -84,6 +84,7 @@ def test_generator_codes_are_valid_indices_for_any_input(head):
   stage1 = vqvae_configs.get_config('tiny')
   config = gan_configs.get_config('tiny')
   config.head = head
+  config.discriminator_input = 'one_hot' if head == 'logits' else 'embedding'
   generator, discriminator = sampling.make_models(config, stage1)
   g_vars = generator.init(jax.random.key(0), jnp.zeros((2, config.latent_dim)), train=False)
   z = 100.0 * jax.random.normal(jax.random.key(1), (4, config.latent_dim))   # far outside the training range
@@ -93,8 +94,10 @@ def test_generator_codes_are_valid_indices_for_any_input(head):
   codes = dcgan.sample_codes(outputs, codebook, head, noise)
   assert outputs.shape == (4, 16, 16, 32 if head == 'logits' else 8) and codes.dtype == jnp.int32
   assert int(codes.min()) >= 0 and int(codes.max()) < 32
-  d_vars = discriminator.init(jax.random.key(2), jnp.zeros((1, 16, 16, 8)))
-  assert discriminator.apply(d_vars, jnp.zeros((3, 16, 16, 8))).shape == (3,)
+  channels = gan_trainer.discriminator_channels(config, stage1)
+  assert channels == (32 if head == 'logits' else 8)
+  d_vars = discriminator.init(jax.random.key(2), jnp.zeros((1, 16, 16, channels)))
+  assert discriminator.apply(d_vars, jnp.zeros((3, 16, 16, channels))).shape == (3,)
 
 
 def _with_sgd(states):
@@ -104,8 +107,9 @@ def _with_sgd(states):
 
 @pytest.mark.parametrize('overrides', [
     {},
-    {'head': 'latent', 'loss': 'hinge', 'minibatch_std_group': 2, 'r1_gamma': 1.0, 'generator_ema': 0.9,
+    {'head': 'latent', 'discriminator_input': 'embedding', 'loss': 'hinge', 'minibatch_std_group': 2, 'r1_gamma': 1.0, 'generator_ema': 0.9,
      'augment': 'translation,cutout', 'augment_translation': 0.25},
+    {'discriminator_input': 'one_hot', 'augment': 'translation', 'r1_gamma': 1.0},
 ])
 def test_two_device_gan_step_equals_one_device_step(overrides):
   stage1 = vqvae_configs.get_config('tiny')
@@ -157,28 +161,61 @@ def test_lazy_r1_step_is_the_r1_step_with_gamma_times_the_interval():
   assert lazy_r1 == pytest.approx(4 * every_r1, rel=1e-5) and every_r1 > 0   # the metric is the scaled penalty
 
 
-@pytest.mark.parametrize('head', ['logits', 'latent'])
-def test_one_generator_pass_gives_the_generator_gradient_under_the_updated_discriminator(head):
-  """The step's generator gradient equals a directly computed one: G's loss (plus the latent head's commitment)
-  through a fresh forward pass with the step's noise, scored by the discriminator after its update. Plain SGD with
-  rate 1 makes the parameter change the gradient itself (Adam's first update would be only its sign)."""
-  stage1 = vqvae_configs.get_config('tiny')
-  config = gan_configs.get_config('tiny')
-  config.head, config.r1_gamma = head, 1.0
+def _one_step(config, stage1):
+  """One train step on one device from fresh SGD states: (states before, (g, d) states after, codebook, real code
+  maps [1, 8, 16, 16], and the step's noise for rows 0..7: z and the Gumbel key)."""
   states = _with_sgd(jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0))))
-  codebook = jax.random.normal(jax.random.key(1), (32, 8))
+  codebook = np.asarray(jax.random.normal(jax.random.key(1), (32, 8)))
   real = np.asarray(jax.random.randint(jax.random.key(2), (1, 8, 16, 16), 0, 32))
   generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
   step = jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
                                     discriminator=discriminator),
                   axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=jax.local_devices()[:1])
   key = jax.random.key(3)
-  (g_after, d_after), _ = jax.device_get(step(jax.tree.map(lambda x: np.asarray(x)[None], states), real, key, codebook))
-  d_params = jax.tree.map(lambda x: x[0], d_after.params)
+  after, _ = jax.device_get(step(jax.tree.map(lambda x: np.asarray(x)[None], states), real, key, codebook))
+  z_key, gumbel_key = jax.random.split(jax.random.split(key)[0])
+  z = sampling.per_row_noise(z_key, jnp.arange(8), lambda k: jax.random.normal(k, (config.latent_dim,)))
+  return states, after, codebook, real, z, gumbel_key
 
-  z_key, gumbel_key = jax.random.split(jax.random.split(key)[0])   # the step's noise for rows 0..7
+
+@pytest.mark.parametrize('discriminator_input', ['embedding', 'one_hot'])
+def test_discriminator_update_is_the_gradient_on_real_and_generated_codes(discriminator_input):
+  """The step's discriminator gradient equals one computed here: real code maps as one-hot rows of the identity
+  (NumPy) or as codebook rows, generated ones through a fresh generator pass with the step's noise."""
+  stage1 = vqvae_configs.get_config('tiny')
+  config = gan_configs.get_config('tiny')
+  config.discriminator_input, config.r1_gamma = discriminator_input, 0.0
+  states, (_, d_after), codebook, real, z, gumbel_key = _one_step(config, stage1)
+  g_model, d_model = sampling.make_models(config, stage1)
+  outputs = g_model.apply({'params': states[0].params, 'batch_stats': states[0].batch_stats}, z, train=True,
+                          mutable=['batch_stats'])[0]
+  codes = np.asarray(jnp.argmax(outputs + sampling.per_row_noise(
+      gumbel_key, jnp.arange(8), lambda k: jax.random.gumbel(k, outputs.shape[1:])), axis=-1))
+  seen = (lambda c: np.eye(32, dtype=np.float32)[c]) if discriminator_input == 'one_hot' else (lambda c: codebook[c])
+  assert seen(real[0]).shape[-1] == (32 if discriminator_input == 'one_hot' else 8)
+
+  def loss(d_params):
+    apply = lambda x: d_model.apply({'params': d_params}, x)
+    return gan_trainer.discriminator_loss(apply(seen(real[0])), apply(seen(codes)), config.loss)
+  expected = jax.grad(loss)(states[1].params)
+  step_gradient = jax.tree.map(lambda before, after: before - after[0], states[1].params, d_after.params)
+  for a, b in zip(jax.tree.leaves(step_gradient), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+  assert max(np.abs(leaf).max() for leaf in jax.tree.leaves(expected)) > 1e-3
+
+
+@pytest.mark.parametrize('head, discriminator_input', [('logits', 'embedding'), ('latent', 'embedding'),
+                                                       ('logits', 'one_hot')])
+def test_one_generator_pass_gives_the_generator_gradient_under_the_updated_discriminator(head, discriminator_input):
+  """The step's generator gradient equals a directly computed one: G's loss (plus the latent head's commitment)
+  through a fresh forward pass with the step's noise, scored by the discriminator after its update. Plain SGD with
+  rate 1 makes the parameter change the gradient itself (Adam's first update would be only its sign)."""
+  stage1 = vqvae_configs.get_config('tiny')
+  config = gan_configs.get_config('tiny')
+  config.head, config.r1_gamma, config.discriminator_input = head, 1.0, discriminator_input
+  states, (g_after, d_after), codebook, real, z, gumbel_key = _one_step(config, stage1)
+  d_params = jax.tree.map(lambda x: x[0], d_after.params)
   rows = jnp.arange(8)
-  z = sampling.per_row_noise(z_key, rows, lambda k: jax.random.normal(k, (config.latent_dim,)))
   g_model, d_model = sampling.make_models(config, stage1)
 
   def loss(g_params):

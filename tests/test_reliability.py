@@ -161,6 +161,10 @@ MATRIX = [
      r'config.batch_size=-8: expected a positive number'),
     ('unknown GAN head', lambda tmp, w: _train_gan(tmp / 'a', w['vqvae'], head='pixels'),
      r"config.head='pixels': expected logits \(design a\) or latent \(design b\)"),
+    ('one-hot discriminator input under the latent head',
+     lambda tmp, w: _train_gan(tmp / 'a', w['vqvae'], head='latent', discriminator_input='one_hot'),
+     r"config.discriminator_input=one_hot: needs config.head=logits \(head 'latent' makes codebook vectors, not "
+     r"one-hot codes\)"),
     ('stage-1 workdir missing', lambda tmp, w: _train_gan(tmp / 'a', tmp / 'none'),
      r'\S+/none: stage-1 workdir does not exist \(config.vqvae_workdir\)'),
     ('stage-1 code maps too small', lambda tmp, w: _train_gan(tmp / 'a', w['small']),

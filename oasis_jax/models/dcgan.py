@@ -3,9 +3,9 @@
 Codes are categorical, not intensities. The generator maps z ~ N(0, I) (dim 100) to per-position logits over the K
 codes, [N, s, s, K]. For the discriminator these become codes through a straight-through Gumbel-softmax: the forward
 pass uses the one-hot of argmax(logits + Gumbel noise) (a valid code map), the backward pass the gradient of
-softmax((logits + g) / tau). The discriminator sees codebook embeddings: one-hot codes @ the frozen stage-1 codebook,
-[N, s, s, D]; real code maps of training slices are embedded the same way. Sampling draws codes the way training
-does, argmax(logits + Gumbel noise), so every generated code is an index in [0, K) that stage 1's decoder can render.
+softmax((logits + g) / tau). The discriminator sees the one-hot codes themselves, [N, s, s, K], as it sees the
+one-hot code maps of training slices (config.discriminator_input='one_hot'), or their codebook embeddings, one-hot
+codes @ the frozen stage-1 codebook, [N, s, s, D] ('embedding', the default). Sampling draws codes the way training does, argmax(logits + Gumbel noise), so every generated code is an index in [0, K) that stage 1's decoder can render.
 
 Generator: dense to 4x4 x (width * 2^(L-1)), then L = log2(s / 4) x2 upsamplings (sub-pixel convs, or the DCGAN
 paper's 4x4 stride-2 transposed convs), each followed by batch norm (statistics averaged over devices under pmap) and
@@ -14,7 +14,7 @@ minibatch standard-deviation feature (Karras et al. 2018, against mode collapse)
 the discriminator (it would mix real and generated statistics).
 
 Two heads (config.head), both emitting only valid code maps:
-  'logits' (design a): K logits per position, straight-through Gumbel-softmax to one-hot codes, embedded.
+  'logits' (design a): K logits per position, straight-through Gumbel-softmax to one-hot codes (embedded or not).
   'latent' (design b): a D-dim vector per position, replaced by its nearest codebook vector (straight-through, as
             in stage 1's quantiser); the discriminator sees the quantised latents.
 """
@@ -55,8 +55,8 @@ class Discriminator(nn.Module):
   conv: ModuleDef = nn.Conv
 
   @nn.compact
-  def __call__(self, embeddings):
-    x = embeddings
+  def __call__(self, inputs):
+    x = inputs
     for level in range(int(math.log2(self.code_size // 4))):
       x = nn.leaky_relu(self.conv(self.width * 2 ** level, (4, 4), strides=(2, 2))(x), 0.2)
     if self.minibatch_std_group:

@@ -1,8 +1,9 @@
 """Differentiable augmentation of the discriminator's inputs (DiffAugment; Zhao et al. 2020), in code space.
 
-The same random transform family is applied to real and generated code maps (as codebook embeddings
-[N, s, s, D]) every time the discriminator sees them, so it cannot memorise the few real maps of a small dataset;
-the transforms are differentiable in the embeddings, so the generator's gradient passes through them.
+The same random transform family is applied to real and generated code maps (as one-hot codes [N, s, s, K] or
+codebook embeddings [N, s, s, D]) every time the discriminator sees them, so it cannot memorise the few real maps
+of a small dataset; the transforms are differentiable in their input, so the generator's gradient passes through
+them.
 
   translation  shift each map by up to `translation` x s positions in y and x, filling with zeros
   cutout       zero a random square of half the map's side (centre anywhere in the map)

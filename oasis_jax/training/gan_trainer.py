@@ -24,7 +24,8 @@ from oasis_jax.models import dcgan
 from oasis_jax.training import augment, loop
 
 # Fields that define the models: a resumed run must have the same ones.
-MODEL_FIELDS = ('head', 'latent_dim', 'generator_width', 'discriminator_width', 'upsample', 'minibatch_std_group')
+MODEL_FIELDS = ('head', 'latent_dim', 'generator_width', 'discriminator_width', 'upsample', 'minibatch_std_group',
+                'discriminator_input')
 # What a resumed run must share with the run in its workdir.
 MUST_MATCH = MODEL_FIELDS + ('vqvae_workdir', 'stage1_model', 'batch_size', 'seed')
 
@@ -57,6 +58,11 @@ def check_config(config, stage1_config) -> None:
   ops.check_conv_impl(config.get('conv_impl', 'xla'))
   if config.head not in ('logits', 'latent'):
     raise UserError(f'config.head={config.head!r}: expected logits (design a) or latent (design b)')
+  if config.get('discriminator_input', 'embedding') not in ('embedding', 'one_hot'):
+    raise UserError(f'config.discriminator_input={config.discriminator_input!r}: expected embedding or one_hot')
+  if sampling.sees_one_hot(config) and config.head != 'logits':
+    raise UserError(f'config.discriminator_input=one_hot: needs config.head=logits (head {config.head!r} makes '
+                    f'codebook vectors, not one-hot codes)')
   if config.loss not in ('nonsaturating', 'hinge'):
     raise UserError(f'config.loss={config.loss!r}: expected nonsaturating or hinge')
   if config.gumbel_temperature <= 0:
@@ -81,7 +87,7 @@ def check_config(config, stage1_config) -> None:
 
 def create_states(config, stage1_config, key):
   generator, discriminator = sampling.make_models(config, stage1_config)
-  size, d = sampling.code_size(stage1_config), stage1_config.embedding_dim
+  size, d = sampling.code_size(stage1_config), discriminator_channels(config, stage1_config)
   tx = lambda: optax.adam(config.learning_rate, b1=config.beta1)
 
   def create(key):
@@ -94,12 +100,20 @@ def create_states(config, stage1_config, key):
   return jax.jit(create)(key)
 
 
-def generated_codes(outputs, codebook, config, gumbel_noise):
-  """Generator outputs -> (what the discriminator sees [N, s, s, D], codes [N, s, s], head penalty).
+def discriminator_channels(config, stage1_config) -> int:
+  """The channels of what the discriminator sees: K (one-hot codes) or D (codebook embeddings)."""
+  return stage1_config.num_embeddings if sampling.sees_one_hot(config) else stage1_config.embedding_dim
 
-  Both heads are straight-through: the forward pass holds codebook vectors of valid codes only."""
+
+def generated_codes(outputs, codebook, config, gumbel_noise):
+  """Generator outputs -> (what the discriminator sees [N, s, s, K or D], codes [N, s, s], head penalty).
+
+  Both heads are straight-through: the forward pass holds one-hot codes (discriminator_input 'one_hot') or
+  codebook vectors (head 'latent', or 'embedding') of valid codes only."""
   if config.head == 'logits':
     one_hot, codes = dcgan.gumbel_straight_through(outputs, gumbel_noise, config.gumbel_temperature)
+    if sampling.sees_one_hot(config):
+      return one_hot, codes, 0.0
     return dcgan.embed(one_hot, codebook), codes, 0.0
   quantized, codes = dcgan.quantize_straight_through(outputs, codebook)
   # Keeps the continuous latents near the codebook vectors they stand for (stage 1's commitment term).
@@ -150,7 +164,10 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
   # One generator pass serves both updates: its fakes train D (as constants), then its VJP carries the generator
   # loss under the updated D back to G's parameters.
   (fake, penalty), g_vjp, (codes, batch_stats) = jax.vjp(generate, g_state.params, has_aux=True)
-  real = seen(jnp.take(codebook, real_codes, axis=0), 1)   # = one_hot(real codes) @ codebook
+  if sampling.sees_one_hot(config):
+    real = seen(jax.nn.one_hot(real_codes, k, dtype=codebook.dtype), 1)
+  else:
+    real = seen(jnp.take(codebook, real_codes, axis=0), 1)   # = one_hot(real codes) @ codebook
 
   def d_loss_fn(d_params):
     apply = lambda x: discriminator.apply({'params': d_params}, x)

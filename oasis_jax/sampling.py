@@ -24,12 +24,6 @@ def code_size(stage1_config) -> int:
   return stage1_config.image_size // 2 ** stage1_config.num_downsamples
 
 
-def sees_one_hot(config) -> bool:
-  """Whether the discriminator sees one-hot codes (config.discriminator_input='one_hot'), else codebook embeddings
-  (as runs saved before the field did)."""
-  return config.get('discriminator_input', 'embedding') == 'one_hot'
-
-
 def make_models(config, stage1_config, axis_name=None):
   """(Generator, Discriminator) of a stage-2 config over a stage-1 config's code maps, with the convolution form
   `ops.layers(config.conv_impl)` picks for this backend. axis_name: the pmap axis over which the generator averages

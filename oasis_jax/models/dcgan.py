@@ -3,9 +3,11 @@
 Codes are categorical, not intensities. The generator maps z ~ N(0, I) (dim 100) to per-position logits over the K
 codes, [N, s, s, K]. For the discriminator these become codes through a straight-through Gumbel-softmax: the forward
 pass uses the one-hot of argmax(logits + Gumbel noise) (a valid code map), the backward pass the gradient of
-softmax((logits + g) / tau). The discriminator sees the one-hot codes themselves, [N, s, s, K], as it sees the
-one-hot code maps of training slices (config.discriminator_input='one_hot'), or their codebook embeddings, one-hot
-codes @ the frozen stage-1 codebook, [N, s, s, D] ('embedding', the default). Sampling draws codes the way training does, argmax(logits + Gumbel noise), so every generated code is an index in [0, K) that stage 1's decoder can render.
+softmax((logits + g) / tau). The discriminator sees codebook embeddings, one-hot codes @ the frozen stage-1
+codebook, [N, s, s, D] (config.discriminator_input='embedding', the default), or the one-hot codes themselves,
+[N, s, s, K] ('one_hot'); real code maps of training slices are presented the same way. Sampling draws codes the
+way training does, argmax(logits + Gumbel noise), so every generated code is an index in [0, K) that stage 1's
+decoder can render.
 
 Generator: dense to 4x4 x (width * 2^(L-1)), then L = log2(s / 4) x2 upsamplings (sub-pixel convs, or the DCGAN
 paper's 4x4 stride-2 transposed convs), each followed by batch norm (statistics averaged over devices under pmap) and

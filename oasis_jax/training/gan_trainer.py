@@ -60,7 +60,7 @@ def check_config(config, stage1_config) -> None:
     raise UserError(f'config.head={config.head!r}: expected logits (design a) or latent (design b)')
   if config.get('discriminator_input', 'embedding') not in ('embedding', 'one_hot'):
     raise UserError(f'config.discriminator_input={config.discriminator_input!r}: expected embedding or one_hot')
-  if sampling.sees_one_hot(config) and config.head != 'logits':
+  if sees_one_hot(config) and config.head != 'logits':
     raise UserError(f'config.discriminator_input=one_hot: needs config.head=logits (head {config.head!r} makes '
                     f'codebook vectors, not one-hot codes)')
   if config.loss not in ('nonsaturating', 'hinge'):
@@ -100,9 +100,15 @@ def create_states(config, stage1_config, key):
   return jax.jit(create)(key)
 
 
+def sees_one_hot(config) -> bool:
+  """Whether the discriminator sees one-hot codes (config.discriminator_input='one_hot'), else codebook embeddings
+  (as runs saved before the field did)."""
+  return config.get('discriminator_input', 'embedding') == 'one_hot'
+
+
 def discriminator_channels(config, stage1_config) -> int:
   """The channels of what the discriminator sees: K (one-hot codes) or D (codebook embeddings)."""
-  return stage1_config.num_embeddings if sampling.sees_one_hot(config) else stage1_config.embedding_dim
+  return stage1_config.num_embeddings if sees_one_hot(config) else stage1_config.embedding_dim
 
 
 def generated_codes(outputs, codebook, config, gumbel_noise):
@@ -112,7 +118,7 @@ def generated_codes(outputs, codebook, config, gumbel_noise):
   codebook vectors (head 'latent', or 'embedding') of valid codes only."""
   if config.head == 'logits':
     one_hot, codes = dcgan.gumbel_straight_through(outputs, gumbel_noise, config.gumbel_temperature)
-    if sampling.sees_one_hot(config):
+    if sees_one_hot(config):
       return one_hot, codes, 0.0
     return dcgan.embed(one_hot, codebook), codes, 0.0
   quantized, codes = dcgan.quantize_straight_through(outputs, codebook)
@@ -164,7 +170,7 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
   # One generator pass serves both updates: its fakes train D (as constants), then its VJP carries the generator
   # loss under the updated D back to G's parameters.
   (fake, penalty), g_vjp, (codes, batch_stats) = jax.vjp(generate, g_state.params, has_aux=True)
-  if sampling.sees_one_hot(config):
+  if sees_one_hot(config):
     real = seen(jax.nn.one_hot(real_codes, k, dtype=codebook.dtype), 1)
   else:
     real = seen(jnp.take(codebook, real_codes, axis=0), 1)   # = one_hot(real codes) @ codebook

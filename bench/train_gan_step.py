@@ -66,12 +66,11 @@ def torch_runner(config, stage1, real_codes, codebook, compiled):
   torch.manual_seed(0)
   size = sampling.code_size(stage1)
   generator = torch_dcgan.Generator(size, stage1.num_embeddings, config.generator_width, config.latent_dim)
-  one_hot = config.discriminator_input == 'one_hot'
   discriminator = torch_dcgan.Discriminator(size, gan_trainer.discriminator_channels(config, stage1),
                                             config.discriminator_width, config.minibatch_std_group)
   step = torch_dcgan.make_train_step(generator, discriminator, torch.from_numpy(np.asarray(codebook)),
                                      config.latent_dim, config.learning_rate, config.r1_gamma,
-                                     r1_every=config.r1_every, one_hot=one_hot)
+                                     r1_every=config.r1_every, one_hot=gan_trainer.sees_one_hot(config))
   if compiled:
     step = torch.compile(step)
   codes = torch.from_numpy(np.asarray(real_codes, np.int64))

@@ -63,8 +63,9 @@ def features(images, chunk: int = 64) -> np.ndarray:
   out = []
   for begin in range(0, len(images), chunk):   # fixed-size chunks, the last one padded: one compiled program
     part = images[begin:begin + chunk]
-    padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:], np.float32)])
-    out.append(np.asarray(_features(padded))[:len(part)])
+    if len(part) < chunk:
+      part = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:], np.float32)])
+    out.append(np.asarray(_features(part))[:len(images) - begin])
   return np.concatenate(out)
 
 

@@ -107,8 +107,8 @@ def _with_sgd(states):
 
 @pytest.mark.parametrize('overrides', [
     {},
-    {'head': 'latent', 'discriminator_input': 'embedding', 'loss': 'hinge', 'minibatch_std_group': 2, 'r1_gamma': 1.0, 'generator_ema': 0.9,
-     'augment': 'translation,cutout', 'augment_translation': 0.25},
+    {'head': 'latent', 'discriminator_input': 'embedding', 'loss': 'hinge', 'minibatch_std_group': 2, 'r1_gamma': 1.0,
+     'generator_ema': 0.9, 'augment': 'translation,cutout', 'augment_translation': 0.25},
     {'discriminator_input': 'one_hot', 'augment': 'translation', 'r1_gamma': 1.0},
 ])
 def test_two_device_gan_step_equals_one_device_step(overrides):

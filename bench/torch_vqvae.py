@@ -71,13 +71,28 @@ class VQVAE(nn.Module):
     return self.decoder(z + (quantized - z).detach()) + 0.5, commitment
 
 
-def make_train_step(model, learning_rate, data_variance, commitment_cost=0.25):
+def ssim(x, y):
+  """Per-image SSIM of [N, 1, H, W] images, the Gaussian window as the same matrix products as oasis_jax's."""
+  from oasis_jax import metrics
+  window = metrics._gaussian_window()
+  rows, cols = (torch.from_numpy(metrics._valid_filter_matrix(n, window)) for n in x.shape[2:])
+  blur = lambda a: torch.einsum('ih,nhw,jw->nij', rows, a, cols)
+  x, y = x[:, 0], y[:, 0]
+  mu_x, mu_y = blur(x), blur(y)
+  var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  return ((2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1) * (2 * cov + c2) / (var_x + var_y + c2)).mean((1, 2))
+
+
+def make_train_step(model, learning_rate, data_variance, commitment_cost=0.25, ssim_weight=0.0):
   optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
 
   def step(images):
     optimizer.zero_grad(set_to_none=True)
     reconstruction, commitment = model(images)
     loss = F.mse_loss(reconstruction, images) / data_variance + commitment_cost * commitment
+    if ssim_weight:   # config.ssim_weight: on the clipped reconstruction, as oasis_jax's loss
+      loss = loss + ssim_weight * (1 - ssim(reconstruction.clamp(0, 1), images).mean())
     loss.backward()
     optimizer.step()
     return loss

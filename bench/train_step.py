@@ -127,7 +127,7 @@ def torch_runner(config, batch, kind, compiled, steps: int):
   cfg = config.copy_and_resolve_references()
   cfg.upsample = kind
   model = torch_vqvae.VQVAE(cfg)
-  step = torch_vqvae.make_train_step(model, cfg.learning_rate, 0.08)
+  step = torch_vqvae.make_train_step(model, cfg.learning_rate, 0.08, ssim_weight=cfg.get('ssim_weight', 0.0))
   if compiled:
     step = torch.compile(step)
   images = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))

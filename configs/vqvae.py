@@ -37,6 +37,8 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   # outputs that clipping to [0, 1] renders exactly, down to clip_margin below 0 on black pixels (and above 1 on
   # white ones), cost nothing, so the black background can come out exactly black instead of a faint haze.
   config.clip_margin = 0.05
+  # + ssim_weight x (1 - SSIM) of the clipped reconstruction (0 = off): SSIM charges blurred detail more than MSE.
+  config.ssim_weight = 0.0
   # Optimisation.
   config.seed = 0
   config.batch_size = 32

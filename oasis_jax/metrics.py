@@ -16,6 +16,14 @@ def ssim(images, references):
   return dm_pix.ssim(jnp.clip(images, 0, 1), references, max_val=1.0, filter_size=11, filter_sigma=1.5)
 
 
+def ssim_differentiable(images, references):
+  """Per-image SSIM of [N, H, W(, 1)] images, as `ssim`, for a training loss (config.ssim_weight): the Gaussian
+  window as matrix products, as in MS-SSIM. No clipping: the caller clips."""
+  images = jnp.reshape(images, images.shape[:3])
+  references = jnp.reshape(references, references.shape[:3]).astype(images.dtype)
+  return _ssim_terms(images, references)[0]
+
+
 def psnr(images, references):
   """Per-image PSNR in dB of [N, H, W, 1] images in [0, 1]."""
   return dm_pix.psnr(jnp.clip(images, 0, 1), references)

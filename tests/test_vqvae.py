@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import vqvae as vqvae_configs
-from oasis_jax import checkpoints, parallel, stage1, timing
+from oasis_jax import checkpoints, metrics, parallel, stage1, timing
 from oasis_jax.data import input_pipeline, tfds_oasis
 from oasis_jax.errors import UserError
 from oasis_jax.models import vqvae
@@ -132,11 +132,12 @@ def tiny_batch(cache_dir):
   return input_pipeline.train_dataset(source, input_pipeline.Sharding(8, local_devices=1, image_size=64), seed=0)[0][0]
 
 
-@pytest.mark.parametrize('conv_impl, clip_margin', [('xla', 0.0), ('winograd', 0.0), ('xla', 0.05)])
-def test_two_device_step_equals_one_device_step(tiny_batch, conv_impl, clip_margin):
+@pytest.mark.parametrize('conv_impl, clip_margin, ssim_weight', [('xla', 0.0, 0.0), ('winograd', 0.0, 0.0),
+                                                                 ('xla', 0.05, 0.5)])
+def test_two_device_step_equals_one_device_step(tiny_batch, conv_impl, clip_margin, ssim_weight):
   assert jax.local_device_count() == 2
   config = vqvae_configs.get_config('tiny')
-  config.conv_impl, config.clip_margin = conv_impl, clip_margin
+  config.conv_impl, config.clip_margin, config.ssim_weight = conv_impl, clip_margin, ssim_weight
   state = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(0)))
   if clip_margin:   # the output's bias at -0.52: black pixels come out near -0.02, inside the margin
     params = jax.tree.map(np.array, state.params)
@@ -277,6 +278,22 @@ def test_clip_margin_forgives_only_what_clipping_renders_exactly():
                              [0.0, -0.15, 0.1, 0.0, -0.6, 0.2, 0.0, 0.25, -0.1], atol=1e-6)
 
 
+def test_ssim_term_adds_its_weight_times_one_minus_the_ssim_of_the_rendered_reconstruction(tiny_batch):
+  config = vqvae_configs.get_config('tiny')
+  config.clip_margin = 0.05
+  # A reconstruction that is blurred, off by a haze and partly outside [0, 1] (the SSIM term sees it clipped).
+  blurred = (tiny_batch + np.roll(tiny_batch, 1, axis=1) + np.roll(tiny_batch, 1, axis=2)) / 3
+  reconstruction = jnp.asarray(1.2 * blurred - 0.04, jnp.float32)
+  mse_only = vqvae_trainer.image_loss(reconstruction, tiny_batch, config, data_variance=0.08)
+  error = vqvae_trainer.reconstruction_error(reconstruction, tiny_batch, 0.05)
+  np.testing.assert_allclose(mse_only, np.mean(np.asarray(error) ** 2) / 0.08, rtol=1e-5)
+  config.ssim_weight = 0.5
+  with_ssim = vqvae_trainer.image_loss(reconstruction, tiny_batch, config, data_variance=0.08)
+  reference_ssim = np.mean(metrics.ssim(reconstruction, tiny_batch))   # dm-pix's SSIM (depthwise convolutions)
+  assert 0.5 < reference_ssim < 0.99
+  np.testing.assert_allclose(with_ssim, mse_only + 0.5 * (1 - reference_ssim), rtol=1e-5)
+
+
 def test_learning_rate_schedules():
   config = vqvae_configs.get_config('tiny')
   assert vqvae_trainer.learning_rate(config, 1000) == config.learning_rate == 3e-3
@@ -348,6 +365,7 @@ def test_load_stage1_gives_the_trained_model(tiny_chain):
      '/nonexistent/oasis: config.data_dir does not exist or is not a directory'),
     ({'num_embeddings': 1}, 'config.num_embeddings=1: expected at least 2 codes'),
     ({'clip_margin': -0.1}, 'config.clip_margin=-0.1: expected a value in [0, 1]'),
+    ({'ssim_weight': -1.0}, 'config.ssim_weight=-1.0: expected a number >= 0'),
     ({'batch_size': -4}, 'config.batch_size=-4: expected a positive multiple of the device count 2'),
     ({'batch_size': 5}, 'config.batch_size=5: expected a positive multiple of the device count 2'),
 ])

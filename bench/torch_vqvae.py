@@ -1,5 +1,7 @@
 """The PyTorch peer for the benchmarks: the same VQ-VAE as oasis_jax.models.vqvae (widths, depths, EMA quantiser, loss,
 Adam), written the way the seed project wrote it (NCHW, nn.Conv2d, ConvTranspose2d or PixelShuffle upsampling)."""
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,11 +73,16 @@ class VQVAE(nn.Module):
     return self.decoder(z + (quantized - z).detach()) + 0.5, commitment
 
 
+@functools.lru_cache
+def _window_matrix(size: int):
+  """oasis_jax's SSIM window (11x11 Gaussian) along one axis of `size`, as the band matrix its filter multiplies by."""
+  from oasis_jax import metrics
+  return torch.from_numpy(metrics._valid_filter_matrix(size, metrics._gaussian_window()))
+
+
 def ssim(x, y):
   """Per-image SSIM of [N, 1, H, W] images, the Gaussian window as the same matrix products as oasis_jax's."""
-  from oasis_jax import metrics
-  window = metrics._gaussian_window()
-  rows, cols = (torch.from_numpy(metrics._valid_filter_matrix(n, window)) for n in x.shape[2:])
+  rows, cols = (_window_matrix(n) for n in x.shape[2:])
   blur = lambda a: torch.einsum('ih,nhw,jw->nij', rows, a, cols)
   x, y = x[:, 0], y[:, 0]
   mu_x, mu_y = blur(x), blur(y)

@@ -43,6 +43,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.seed = 0
   config.batch_size = 64
   config.learning_rate = 2e-4
+  config.discriminator_learning_rate = 0.0  # two time-scale rates (Heusel et al. 2017): D's rate; 0 = learning_rate
   config.beta1 = 0.5
   config.num_train_steps = 20000
   # Bookkeeping.

@@ -231,6 +231,39 @@ def test_one_generator_pass_gives_the_generator_gradient_under_the_updated_discr
   assert max(np.abs(leaf).max() for leaf in jax.tree.leaves(expected)) > 1e-3
 
 
+def test_two_time_scale_rates_move_each_network_by_its_own_rate():
+  """discriminator_learning_rate: Adam's first update is rate x g / (|g| + eps), so every parameter with a gradient
+  far above eps moves by its network's rate exactly: the generator's learning_rate, the discriminator's own."""
+  stage1 = vqvae_configs.get_config('tiny')
+  config = gan_configs.get_config('tiny')
+  config.learning_rate, config.discriminator_learning_rate = 1e-3, 4e-3
+  states = jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0)))
+  generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
+  step = jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
+                                    discriminator=discriminator),
+                  axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=jax.local_devices()[:1])
+  real = np.asarray(jax.random.randint(jax.random.key(2), (1, 8, 16, 16), 0, 32))
+  after, _ = jax.device_get(step(jax.tree.map(lambda x: np.asarray(x)[None], states), real, jax.random.key(3),
+                                 jax.random.normal(jax.random.key(1), (32, 8))))
+  for before, moved, rate in ((states[0], after[0], 1e-3), (states[1], after[1], 4e-3)):
+    steps = np.concatenate([np.abs(np.asarray(a[0]) - np.asarray(b)).ravel()
+                            for a, b in zip(jax.tree.leaves(moved.params), jax.tree.leaves(before.params))])
+    assert steps.max() == pytest.approx(rate, rel=1e-4)
+    assert np.median(steps) == pytest.approx(rate, rel=1e-2)   # most parameters, not one
+
+
+def test_gan_config_errors_name_the_field():
+  stage1 = vqvae_configs.get_config('tiny')
+  config = gan_configs.get_config('tiny')
+  config.discriminator_learning_rate = -1e-4
+  with pytest.raises(UserError, match=r'^config.discriminator_learning_rate=-0.0001: expected a positive rate, or '
+                                      r'0 for config.learning_rate$'):
+    gan_trainer.check_config(config, stage1)
+  config.discriminator_learning_rate, config.learning_rate = 0.0, 0.0
+  with pytest.raises(UserError, match=r'^config.learning_rate=0.0: expected a positive rate$'):
+    gan_trainer.check_config(config, stage1)
+
+
 def test_train_gan_logs_and_checkpoints(tiny_chain):
   assert 'step 20/20' in tiny_chain['gan_log'] and 'code_kl' in tiny_chain['gan_log']
   assert sorted(os.listdir(os.path.join(tiny_chain['gan'], 'checkpoints'))) == ['10', '20']

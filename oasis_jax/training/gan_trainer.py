@@ -65,6 +65,11 @@ def check_config(config, stage1_config) -> None:
                     f'codebook vectors, not one-hot codes)')
   if config.loss not in ('nonsaturating', 'hinge'):
     raise UserError(f'config.loss={config.loss!r}: expected nonsaturating or hinge')
+  if config.learning_rate <= 0:
+    raise UserError(f'config.learning_rate={config.learning_rate}: expected a positive rate')
+  if config.get('discriminator_learning_rate', 0.0) < 0:
+    raise UserError(f'config.discriminator_learning_rate={config.discriminator_learning_rate}: expected a positive '
+                    f'rate, or 0 for config.learning_rate')
   if config.gumbel_temperature <= 0:
     raise UserError(f'config.gumbel_temperature={config.gumbel_temperature}: expected a positive number')
   if config.r1_gamma < 0 or config.minibatch_std_group < 0:
@@ -88,16 +93,23 @@ def check_config(config, stage1_config) -> None:
 def create_states(config, stage1_config, key):
   generator, discriminator = sampling.make_models(config, stage1_config)
   size, d = sampling.code_size(stage1_config), discriminator_channels(config, stage1_config)
-  tx = lambda: optax.adam(config.learning_rate, b1=config.beta1)
+  tx = lambda rate: optax.adam(rate, b1=config.beta1)
 
   def create(key):
     g_key, d_key = jax.random.split(key)
     g_vars = generator.init(g_key, jnp.zeros((2, config.latent_dim)), train=False)
     d_vars = discriminator.init(d_key, jnp.zeros((2, size, size, d)))
     return (GeneratorState.create(apply_fn=None, params=g_vars['params'], batch_stats=g_vars['batch_stats'],
-                                  ema_params=g_vars['params'], tx=tx()),
-            train_state.TrainState.create(apply_fn=None, params=d_vars['params'], tx=tx()))
+                                  ema_params=g_vars['params'], tx=tx(config.learning_rate)),
+            train_state.TrainState.create(apply_fn=None, params=d_vars['params'],
+                                          tx=tx(discriminator_learning_rate(config))))
   return jax.jit(create)(key)
+
+
+def discriminator_learning_rate(config) -> float:
+  """The discriminator's Adam rate: config.discriminator_learning_rate, or where that is 0 (or absent, in runs
+  saved before the field) the generator's config.learning_rate."""
+  return config.get('discriminator_learning_rate', 0.0) or config.learning_rate
 
 
 def sees_one_hot(config) -> bool:

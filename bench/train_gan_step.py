@@ -1,15 +1,18 @@
 """Stage-2 G+D train step: oasis_jax vs a PyTorch peer of the same models, and against this machine's GEMM peak.
 
     python -m bench.train_gan_step [--sizes=seed,demo] [--rounds=5] [--conv_impls=xla,auto,auto+xla_transforms]
+        [--steps_per_call=1,4]
 
 seed: the `default` GAN recipe over the `default` stage 1 (64x64 code maps, K=512, D=64, batch 64, widths 64);
-demo: the `demo` recipes (32x32 codes, K=64, D=16, batch 32, widths 32). Both with the logits head, minibatch std
-and R1 as configured. oasis_jax's real pmapped step (1 device) vs bench/torch_dcgan.py eager and torch.compile, in
-alternating rounds; median images/s, the ratio, and useful FLOP/s (XLA's cost analysis of the step written with
-direct convolutions, conv_impl=xla) vs the fp32 GEMM peak.
+demo: the `demo` recipes (32x32 codes, K=64, D=16, batch 32, generator width 16, discriminator 32). Both with the
+logits head, minibatch std and R1 as configured. oasis_jax's real pmapped calls (1 device, config.steps_per_call
+steps each) vs bench/torch_dcgan.py eager and torch.compile, in alternating rounds; median images/s, the ratio, and
+useful FLOP/s (XLA's cost analysis of the step written with direct convolutions, conv_impl=xla) vs the fp32 GEMM
+peak.
 """
 import argparse
 import functools
+import math
 import json
 
 import jax
@@ -43,20 +46,27 @@ def model_flops(config, stage1, real_codes, codebook) -> float:
 
 
 def jax_runner(config, stage1, real_codes, codebook):
-  """Steps as train_gan.py runs them: with lazy R1 (config.r1_every > 1), one step in r1_every has the penalty."""
-  states = gan_trainer.create_states(config, stage1, jax.random.key(0))
-  steps_by_r1 = {True: pmapped_step(config, stage1), False: pmapped_step(config, stage1, with_r1=False)}
-  holder = {'states': parallel.replicate(states), 'count': 0}
-  codes, key = real_codes[None], jax.random.key(1)
+  """Calls as train_gan.py makes them: config.steps_per_call steps each, lazy R1 (config.r1_every > 1) on the steps
+  gan_trainer.r1_pattern names."""
+  generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
+  per_call, calls = config.steps_per_call, {}
+  holder = {'states': parallel.replicate(gan_trainer.create_states(config, stage1, jax.random.key(0))), 'step': 0}
+  codes = np.broadcast_to(real_codes, (1, per_call) + real_codes.shape)
+  keys = jax.random.split(jax.random.key(1), per_call)
 
   def run(steps):
-    for _ in range(steps):
-      holder['count'] += 1
-      step = steps_by_r1[holder['count'] % config.r1_every == 0]
-      holder['states'], metrics = step(holder['states'], codes, key, codebook)
+    assert steps % per_call == 0, (steps, per_call)
+    for _ in range(steps // per_call):
+      first, holder['step'] = holder['step'] + 1, holder['step'] + per_call
+      pattern = gan_trainer.r1_pattern(config, first, holder['step'])
+      if pattern not in calls:
+        calls[pattern] = jax.pmap(functools.partial(gan_trainer.train_steps, config=config, generator=generator,
+                                                    discriminator=discriminator, with_r1=pattern),
+                                  axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None))
+      holder['states'], metrics = calls[pattern](holder['states'], codes, keys, codebook)
     jax.block_until_ready(metrics)
     return steps
-  run(config.r1_every)   # compiles both forms
+  run(config.r1_every)   # compiles every form
   return run
 
 
@@ -92,6 +102,9 @@ def main():
                       "default: the recipe's. The PyTorch peers run the recipe's.")
   parser.add_argument('--discriminator_input', default='', choices=['', 'embedding', 'one_hot'],
                       help="config.discriminator_input, for oasis_jax and the PyTorch peers; default: the recipe's")
+  parser.add_argument('--steps_per_call', default='',
+                      help="oasis_jax variants: steps per compiled call (config.steps_per_call), e.g. 1,4; default: "
+                      "the recipe's")
   parser.add_argument('--conv_impls', default='xla,auto,auto+xla_transforms',
                       help='oasis_jax variants: config.conv_impl, +xla_transforms: Winograd minus native kernels')
   args = parser.parse_args()
@@ -108,13 +121,16 @@ def main():
     runners = {}
     recipe_r1_every = config.r1_every
     r1_intervals = [int(k) for k in args.r1_every.split(',')] if args.r1_every else [recipe_r1_every]
+    per_calls = [int(n) for n in args.steps_per_call.split(',')] if args.steps_per_call else [config.steps_per_call]
     for spec in args.conv_impls.split(','):   # 'auto+xla_transforms': Winograd without the native kernels
       for r1_every in r1_intervals:
-        config.conv_impl, context = conv_variant(spec)
-        config.r1_every = r1_every
-        name = f'oasis_jax conv {spec}' + (f' r1/{r1_every}' if len(r1_intervals) > 1 else '')
-        with context:
-          runners[name] = jax_runner(config, stage1, real_codes, codebook)   # traces here
+        for per_call in per_calls:
+          config.conv_impl, context = conv_variant(spec)
+          config.r1_every, config.steps_per_call = r1_every, per_call
+          name = (f'oasis_jax conv {spec}' + (f' r1/{r1_every}' if len(r1_intervals) > 1 else '')
+                  + (f' x{per_call}' if len(per_calls) > 1 else ''))
+          with context:
+            runners[name] = jax_runner(config, stage1, real_codes, codebook)   # traces here
     config.r1_every = recipe_r1_every
     flops = model_flops(config, stage1, real_codes, codebook)
     for mode in ('eager', 'compiled'):
@@ -122,7 +138,8 @@ def main():
         runners[f'torch {mode}'] = torch_runner(config, stage1, real_codes, codebook, mode == 'compiled')
       except Exception as error:
         print(f'  torch {mode}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
-    steps = max(2 if size == 'seed' else 5, *r1_intervals)   # whole lazy-R1 cycles
+    cycle = math.lcm(*r1_intervals, *per_calls)   # whole lazy-R1 cycles of whole calls
+    steps = cycle * -(-(2 if size == 'seed' else 5) // cycle)
     medians = alternating_medians({name: functools.partial(run, steps) for name, run in runners.items()},
                                   args.rounds)
     print(f'\n{size}: {s}x{s} code maps, K={k}, D={stage1.embedding_dim}, batch {config.batch_size}, widths '

@@ -46,6 +46,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.discriminator_learning_rate = 0.0  # two time-scale rates (Heusel et al. 2017): D's rate; 0 = learning_rate
   config.beta1 = 0.5
   config.num_train_steps = 20000
+  config.steps_per_call = 1      # train steps per compiled call: best a divisor of r1_every and of the intervals below
   # Bookkeeping.
   config.log_every_steps = 100
   config.sample_every_steps = 1000
@@ -62,6 +63,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.batch_size = 32
     config.learning_rate = 5e-4
     config.num_train_steps = 2000
+    config.steps_per_call = 4      # divides r1_every and the intervals: two compiled forms (with and without R1)
     config.log_every_steps = 100
     config.sample_every_steps = 400
     config.checkpoint_every_steps = 400
@@ -73,6 +75,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.batch_size = 8
     config.learning_rate = 1e-3
     config.num_train_steps = 20
+    config.steps_per_call = 2
     config.log_every_steps = 10
     config.sample_every_steps = 10
     config.checkpoint_every_steps = 10

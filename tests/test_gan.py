@@ -161,6 +161,38 @@ def test_lazy_r1_step_is_the_r1_step_with_gamma_times_the_interval():
   assert lazy_r1 == pytest.approx(4 * every_r1, rel=1e-5) and every_r1 > 0   # the metric is the scaled penalty
 
 
+def test_steps_per_call_equal_single_steps():
+  """train_steps (a call of several steps, lazy R1 on the steps r1_pattern names) gives the states and per-step
+  metrics of as many single-step calls, up to float rounding."""
+  stage1 = vqvae_configs.get_config('tiny')
+  config = gan_configs.get_config('tiny')
+  config.r1_gamma, config.r1_every = 1.0, 2
+  pattern = gan_trainer.r1_pattern(config, 3, 6)
+  assert pattern == (False, True, False, True)
+  states = jax.tree.map(lambda x: np.asarray(x)[None],
+                        jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0))))
+  codebook = jax.random.normal(jax.random.key(1), (32, 8))
+  real = np.asarray(jax.random.randint(jax.random.key(2), (4, 1, 8, 16, 16), 0, 32))
+  keys = jnp.stack([jax.random.key(i) for i in range(4)])
+  generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
+  models = dict(config=config, generator=generator, discriminator=discriminator)
+  pmap = lambda f: jax.pmap(f, axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=jax.local_devices()[:1])
+  one = {r1: pmap(functools.partial(gan_trainer.train_step, with_r1=r1, **models)) for r1 in (False, True)}
+  single, losses, r1s = states, [], []
+  for i, with_r1 in enumerate(pattern):
+    single, step_metrics = one[with_r1](single, real[i], keys[i], codebook)
+    losses.append(float(step_metrics['d_loss'][0]))
+    r1s.append(float(step_metrics['r1'][0]))
+  many, stacked = pmap(functools.partial(gan_trainer.train_steps, with_r1=pattern, **models))(
+      states, real.swapaxes(0, 1), keys, codebook)
+  assert stacked['d_loss'].shape == (1, 4) and int(many[0].step[0]) == 4
+  assert r1s[0] == 0 and r1s[1] > 0
+  np.testing.assert_allclose(stacked['d_loss'][0], losses, rtol=1e-5)
+  np.testing.assert_allclose(stacked['r1'][0], r1s, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(many)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def _one_step(config, stage1):
   """One train step on one device from fresh SGD states: (states before, (g, d) states after, codebook, real code
   maps [1, 8, 16, 16], and the step's noise for rows 0..7: z and the Gumbel key)."""

@@ -1,11 +1,11 @@
 """Stage-2 training: `train_and_evaluate(config, workdir)` for the DCGAN over stage-1 code maps.
 
-The real code maps are made once at start: stage 1's encoder + codebook over every training slice. Each pmapped step
-runs the generator forward once, updates the discriminator on that batch (with the R1 penalty on every r1_every-th
-step), then the generator (non-saturating or hinge loss) through the same forward pass, with gradients and
-batch-norm statistics averaged over devices. Every `sample_every_steps` the generator's samples are
-rendered and scored against validation slices (sliced Wasserstein distance, MS-SSIM diversity); WORKDIR/best/ keeps
-the checkpoint with the lowest SWD, which sample.py and evaluate use.
+The real code maps are made once at start: stage 1's encoder + codebook over every training slice. A pmapped call
+runs config.steps_per_call steps; each runs the generator forward once, updates the discriminator on that batch
+(with the R1 penalty on every r1_every-th step), then the generator (non-saturating or hinge loss) through the same
+forward pass, with gradients and batch-norm statistics averaged over devices. Every `sample_every_steps` the
+generator's samples are rendered and scored against validation slices (sliced Wasserstein distance, MS-SSIM
+diversity); WORKDIR/best/ keeps the checkpoint with the lowest SWD, which sample.py and evaluate use.
 """
 import functools
 import os
@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -52,8 +53,9 @@ def check_config(config, stage1_config) -> None:
   size = sampling.code_size(stage1_config)
   if size < 8 or size & (size - 1):
     raise UserError(f'{config.vqvae_workdir}: stage-1 code maps are {size}x{size}; the DCGAN needs a power of two >= 8')
-  for field in ('latent_dim', 'generator_width', 'discriminator_width', 'num_train_steps', 'batch_size'):
-    if config[field] <= 0:
+  for field in ('latent_dim', 'generator_width', 'discriminator_width', 'num_train_steps', 'batch_size',
+                'steps_per_call'):
+    if config.get(field, 1) <= 0:
       raise UserError(f'config.{field}={config[field]}: expected a positive number')
   ops.check_conv_impl(config.get('conv_impl', 'xla'))
   if config.head not in ('logits', 'latent'):
@@ -218,6 +220,25 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
   return (g_state, d_state), step_metrics
 
 
+def train_steps(states, real_codes, keys, codebook, *, config, generator, discriminator, with_r1: tuple):
+  """len(with_r1) consecutive train_steps in one call (real_codes [steps, per-device batch, s, s], keys [steps]),
+  unrolled, the i-th with the R1 penalty where with_r1[i]; returns the states and each metric stacked over the
+  steps. As stage 1's train_steps: steps that share a call share its buffers, and each form of the step (with and
+  without R1) is a nested jit, traced once for all the steps of a call."""
+  step = {r1: jax.jit(functools.partial(train_step, config=config, generator=generator, discriminator=discriminator,
+                                        with_r1=r1)) for r1 in set(with_r1)}
+  outputs = []
+  for i, r1 in enumerate(with_r1):
+    states, step_metrics = step[r1](states, real_codes[i], keys[i], codebook)
+    outputs.append(step_metrics)
+  return states, jax.tree.map(lambda *values: jnp.stack(values), *outputs)
+
+
+def r1_pattern(config, first: int, last: int) -> tuple:
+  """Which of the steps first..last add the (lazy) R1 penalty: every r1_every-th step, none when r1_gamma is 0."""
+  return tuple(config.r1_gamma > 0 and step % config.get('r1_every', 1) == 0 for step in range(first, last + 1))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains stage 2 in workdir (resuming from its latest checkpoint); returns the last train-metrics summary."""
   phases = timing.Phases()
@@ -253,16 +274,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage1_run, phases: 
     states = create_states(config, stage1_config, jax.random.key(config.seed))
     iterator = input_pipeline.code_map_iterator(real_maps, sharding, config.seed)
   generator, discriminator = sampling.make_models(config, stage1_config, axis_name=parallel.AXIS)
-  p_train_steps = {with_r1: jax.pmap(
-      functools.partial(train_step, config=config, generator=generator, discriminator=discriminator, with_r1=with_r1),
-      axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None)) for with_r1 in (True, False)}
+  p_train_steps = {}   # by the R1 pattern of a call (r1_pattern): two forms when calls align with r1_every
   sampler = sampling.make_sampler(sampling.make_models(config, stage1_config)[0], stage1_model, config.head)
   base_key = jax.random.key(config.seed + 1)
 
-  def run_steps(p_states, step, last):
-    assert step == last, 'stage 2 runs one step per call'
-    p_train_step = p_train_steps[step % config.get('r1_every', 1) == 0]
-    return p_train_step(p_states, next(iterator), jax.random.fold_in(base_key, step), codebook)
+  def run_steps(p_states, first, last):
+    pattern = r1_pattern(config, first, last)
+    if pattern not in p_train_steps:
+      p_train_steps[pattern] = jax.pmap(
+          functools.partial(train_steps, config=config, generator=generator, discriminator=discriminator,
+                            with_r1=pattern),
+          axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None))
+    codes = np.stack([next(iterator) for _ in range(first, last + 1)], axis=1)
+    keys = jnp.stack([jax.random.fold_in(base_key, step) for step in range(first, last + 1)])
+    return p_train_steps[pattern](p_states, codes, keys, codebook)
 
   def evaluate(step, p_states):
     g_state = parallel.unreplicate(p_states[0])
@@ -273,7 +298,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage1_run, phases: 
     return loop.Evaluation(validation, {'neg_swd': -validation['swd']}, images.grid(samples[:16], columns=8),
                            'samples', f'samples_{step:06d}.png')
 
-  cadence = loop.Cadence(config.log_every_steps, config.sample_every_steps, config.checkpoint_every_steps)
+  cadence = loop.Cadence(config.log_every_steps, config.sample_every_steps, config.checkpoint_every_steps,
+                         config.get('steps_per_call', 1))
   describe = (f'{config.num_train_steps} steps, global batch {config.batch_size} on {jax.device_count()} '
               f'device(s), code maps {real_maps.shape[1]}x{real_maps.shape[2]} over K={stage1_config.num_embeddings}, '
               f'head {config.head}')

@@ -79,7 +79,7 @@ def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int, c2st_imag
                                                config.latent_dim, seed, batch_size)
   real_codes = stage1.encode_split(stage1_model, stage1_variables, source, stage1_config.image_size)
   train_codes = stage1.encode_split(stage1_model, stage1_variables, train_source, stage1_config.image_size)
-  reconstructions = stage1.reconstruct(stage1_model, stage1_variables, real, batch_size)
+  reconstructions = stage1.decode(stage1_model, stage1_variables, real_codes, batch_size)
   train_small = input_pipeline.load_images(train_source, min(64, stage1_config.image_size))
   k = stage1_config.num_embeddings
   histogram = lambda codes: jnp.bincount(jnp.asarray(codes).reshape(-1), length=k)
@@ -100,8 +100,10 @@ def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int, c2st_imag
   groups = input_pipeline.load_groups(train_source, config.dataset, c2st_images)
   c2st_samples, _ = sampling.generate(loaded.sample, loaded.g_variables, stage1_variables, len(train),
                                       config.latent_dim, seed + 1, batch_size)
-  result['c2st'] = c2st_scores(train, groups, stage1.reconstruct(stage1_model, stage1_variables, train, batch_size),
-                               c2st_samples, seed)
+  train_reconstructions = stage1.decode(stage1_model, stage1_variables,
+                                        train_codes[input_pipeline.spaced_rows(len(train_source), c2st_images)],
+                                        batch_size)   # the slices `train` holds, from the codes encoded above
+  result['c2st'] = c2st_scores(train, groups, train_reconstructions, c2st_samples, seed)
   if parallel.is_main_process():
     count = min(8, len(real))
     picture = np.concatenate([real[:count], reconstructions[:count], samples[:count]])

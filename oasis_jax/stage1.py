@@ -1,6 +1,6 @@
 """A trained stage 1 as a function of slices: `load` it from a workdir, `encode_split` a split to code maps,
-`reconstruct` images, and score its reconstructions (`make_eval_step`, `evaluate_split`). Stage-1 training, stage-2 training and evaluation
-all use these; nothing here imports a trainer."""
+`reconstruct` images, `decode` code maps, and score its reconstructions (`make_eval_step`, `evaluate_split`).
+Stage-1 training, stage-2 training and evaluation all use these; nothing here imports a trainer."""
 import functools
 import os
 import shutil
@@ -66,12 +66,21 @@ def encode_split(model: vqvae.VQVAE, variables, source, image_size: int, batch_s
 
 
 def reconstruct(model: vqvae.VQVAE, variables, images, batch_size: int = 16) -> np.ndarray:
-  """Reconstructions [N, S, S, 1] in [0, 1] of images [N, S, S, 1] (encode, quantise, decode), in batches (the last
-  one padded, so that one compiled program serves them all)."""
-  apply = _reconstructor(model)
+  """Reconstructions [N, S, S, 1] in [0, 1] of images [N, S, S, 1] (encode, quantise, decode), in batches."""
+  return _batched(_reconstructor(model), variables, images, batch_size)
+
+
+def decode(model: vqvae.VQVAE, variables, codes, batch_size: int = 16) -> np.ndarray:
+  """The images [N, S, S, 1] in [0, 1] that code maps [N, s, s] decode to: `reconstruct` of the slices whose codes
+  they are (up to float rounding), without encoding them again."""
+  return _batched(_decoder(model), variables, codes, batch_size)
+
+
+def _batched(apply, variables, inputs, batch_size: int) -> np.ndarray:
+  """apply(variables, batch) over inputs in batches, the last one padded, so that one compiled program serves all."""
   out = []
-  for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
+  for start in range(0, len(inputs), batch_size):
+    batch = inputs[start:start + batch_size]
     real = len(batch)
     batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
     out.append(np.asarray(apply(variables, batch))[:real])
@@ -87,6 +96,11 @@ def _encoder(model: vqvae.VQVAE):
 @functools.lru_cache(maxsize=8)
 def _reconstructor(model: vqvae.VQVAE):
   return jax.jit(lambda v, x: jnp.clip(model.apply(v, x)[0], 0, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _decoder(model: vqvae.VQVAE):
+  return jax.jit(lambda v, codes: jnp.clip(model.apply(v, codes, method=vqvae.VQVAE.decode_codes), 0, 1))
 
 
 def make_eval_step(model: vqvae.VQVAE, num_embeddings: int):

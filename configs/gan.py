@@ -62,6 +62,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.discriminator_width = 32
     config.batch_size = 32
     config.learning_rate = 5e-4
+    config.discriminator_learning_rate = 1e-3   # twice the generator's (README, "Stage 2 design")
     config.num_train_steps = 2000
     config.steps_per_call = 4      # divides r1_every and the intervals: two compiled forms (with and without R1)
     config.log_every_steps = 100

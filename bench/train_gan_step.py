@@ -12,8 +12,8 @@ peak.
 """
 import argparse
 import functools
-import math
 import json
+import math
 
 import jax
 import numpy as np
@@ -48,8 +48,8 @@ def model_flops(config, stage1, real_codes, codebook) -> float:
 def jax_runner(config, stage1, real_codes, codebook):
   """Calls as train_gan.py makes them: config.steps_per_call steps each, lazy R1 (config.r1_every > 1) on the steps
   gan_trainer.r1_pattern names."""
-  generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
-  per_call, calls = config.steps_per_call, {}
+  calls = gan_trainer.train_calls(config, *sampling.make_models(config, stage1, axis_name=parallel.AXIS))
+  per_call = config.steps_per_call
   holder = {'states': parallel.replicate(gan_trainer.create_states(config, stage1, jax.random.key(0))), 'step': 0}
   codes = np.broadcast_to(real_codes, (1, per_call) + real_codes.shape)
   keys = jax.random.split(jax.random.key(1), per_call)
@@ -59,11 +59,7 @@ def jax_runner(config, stage1, real_codes, codebook):
     for _ in range(steps // per_call):
       first, holder['step'] = holder['step'] + 1, holder['step'] + per_call
       pattern = gan_trainer.r1_pattern(config, first, holder['step'])
-      if pattern not in calls:
-        calls[pattern] = jax.pmap(functools.partial(gan_trainer.train_steps, config=config, generator=generator,
-                                                    discriminator=discriminator, with_r1=pattern),
-                                  axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None))
-      holder['states'], metrics = calls[pattern](holder['states'], codes, keys, codebook)
+      holder['states'], metrics = calls(pattern)(holder['states'], codes, keys, codebook)
     jax.block_until_ready(metrics)
     return steps
   run(config.r1_every)   # compiles every form

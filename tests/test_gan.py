@@ -163,8 +163,8 @@ def test_lazy_r1_step_is_the_r1_step_with_gamma_times_the_interval():
 
 
 def test_steps_per_call_equal_single_steps():
-  """train_steps (a call of several steps, lazy R1 on the steps r1_pattern names) gives the states and per-step
-  metrics of as many single-step calls, up to float rounding."""
+  """A call of several steps (train_calls' pmapped train_steps, lazy R1 on the steps r1_pattern names) gives the
+  states and per-step metrics of as many single-step calls, up to float rounding."""
   stage1 = vqvae_configs.get_config('tiny')
   config = gan_configs.get_config('tiny')
   config.r1_gamma, config.r1_every = 1.0, 2
@@ -184,8 +184,7 @@ def test_steps_per_call_equal_single_steps():
     single, step_metrics = one[with_r1](single, real[i], keys[i], codebook)
     losses.append(float(step_metrics['d_loss'][0]))
     r1s.append(float(step_metrics['r1'][0]))
-  many, stacked = pmap(functools.partial(gan_trainer.train_steps, with_r1=pattern, **models))(
-      states, real.swapaxes(0, 1), keys, codebook)
+  many, stacked = gan_trainer.train_calls(**models)(pattern)(states, real.swapaxes(0, 1), keys, codebook)
   assert stacked['d_loss'].shape == (1, 4) and int(many[0].step[0]) == 4
   assert r1s[0] == 0 and r1s[1] > 0
   np.testing.assert_allclose(stacked['d_loss'][0], losses, rtol=1e-5)

@@ -222,16 +222,27 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
 
 def train_steps(states, real_codes, keys, codebook, *, config, generator, discriminator, with_r1: tuple):
   """len(with_r1) consecutive train_steps in one call (real_codes [steps, per-device batch, s, s], keys [steps]),
-  unrolled, the i-th with the R1 penalty where with_r1[i]; returns the states and each metric stacked over the
-  steps. As stage 1's train_steps: steps that share a call share its buffers, and each form of the step (with and
-  without R1) is a nested jit, traced once for all the steps of a call."""
+  unrolled (loop.unrolled), the i-th with the R1 penalty where with_r1[i]; returns the states and each metric
+  stacked over the steps. Each form of the step (with and without R1) is traced once for all the steps of a call."""
   step = {r1: jax.jit(functools.partial(train_step, config=config, generator=generator, discriminator=discriminator,
                                         with_r1=r1)) for r1 in set(with_r1)}
-  outputs = []
-  for i, r1 in enumerate(with_r1):
-    states, step_metrics = step[r1](states, real_codes[i], keys[i], codebook)
-    outputs.append(step_metrics)
-  return states, jax.tree.map(lambda *values: jnp.stack(values), *outputs)
+  return loop.unrolled(states, [(step[r1], (real_codes[i], keys[i], codebook)) for i, r1 in enumerate(with_r1)])
+
+
+def train_calls(config, generator, discriminator):
+  """pattern -> the pmapped call of train_steps for a call whose steps have that R1 pattern (r1_pattern), built on
+  first use: (replicated states, codes [devices, steps, per-device batch, s, s], keys [steps], codebook) ->
+  (states, metrics [devices, steps]). With steps_per_call dividing r1_every and the intervals, two patterns occur."""
+  calls = {}
+
+  def call(pattern: tuple):
+    if pattern not in calls:
+      calls[pattern] = jax.pmap(
+          functools.partial(train_steps, config=config, generator=generator, discriminator=discriminator,
+                            with_r1=pattern),
+          axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None))
+    return calls[pattern]
+  return call
 
 
 def r1_pattern(config, first: int, last: int) -> tuple:
@@ -274,20 +285,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage1_run, phases: 
     states = create_states(config, stage1_config, jax.random.key(config.seed))
     iterator = input_pipeline.code_map_iterator(real_maps, sharding, config.seed)
   generator, discriminator = sampling.make_models(config, stage1_config, axis_name=parallel.AXIS)
-  p_train_steps = {}   # by the R1 pattern of a call (r1_pattern): two forms when calls align with r1_every
+  p_train_steps = train_calls(config, generator, discriminator)
   sampler = sampling.make_sampler(sampling.make_models(config, stage1_config)[0], stage1_model, config.head)
   base_key = jax.random.key(config.seed + 1)
 
   def run_steps(p_states, first, last):
-    pattern = r1_pattern(config, first, last)
-    if pattern not in p_train_steps:
-      p_train_steps[pattern] = jax.pmap(
-          functools.partial(train_steps, config=config, generator=generator, discriminator=discriminator,
-                            with_r1=pattern),
-          axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None))
     codes = np.stack([next(iterator) for _ in range(first, last + 1)], axis=1)
     keys = jnp.stack([jax.random.fold_in(base_key, step) for step in range(first, last + 1)])
-    return p_train_steps[pattern](p_states, codes, keys, codebook)
+    return p_train_steps(r1_pattern(config, first, last))(p_states, codes, keys, codebook)
 
   def evaluate(step, p_states):
     g_state = parallel.unreplicate(p_states[0])

@@ -12,6 +12,7 @@ import threading
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from oasis_jax import checkpoints, images, parallel, timing
@@ -167,6 +168,18 @@ def train(name: str, workdir: str, state: Any, iterator, total_steps: int, caden
     except Exception:
       if not failed:   # else the error that ended the run is the one to report, not what closing then hit
         raise
+
+
+def unrolled(state, steps) -> tuple[Any, dict]:
+  """Runs each `(step, args)` of `steps` in order, `state, metrics = step(state, *args)`, unrolled into the caller's
+  trace; returns the last state and each metric stacked over the steps. A stage's train_steps runs a compiled
+  call's steps this way: XLA:CPU maps in and page-faults a call's temporary buffers afresh each call, so steps that
+  share a call reuse them. Make each `step` a nested jit, traced once for all the steps that use it."""
+  outputs = []
+  for step, args in steps:
+    state, step_metrics = step(state, *args)
+    outputs.append(step_metrics)
+  return state, jax.tree.map(lambda *values: jnp.stack(values), *outputs)
 
 
 def _step(state) -> int:

@@ -132,15 +132,10 @@ def train_step(state: TrainState, batch, key, *, config, data_variance: float):
 
 
 def train_steps(state: TrainState, batches, keys, *, config, data_variance: float):
-  """len(keys) consecutive train_steps in one call (batches: [steps, per-device batch, ...]), unrolled; returns the
-  state and each metric stacked over the steps. XLA:CPU maps in and page-faults a call's temporary buffers afresh
-  each call, so steps that share a call reuse them. The step is a nested jit, traced once for all of them."""
+  """len(keys) consecutive train_steps in one call (batches: [steps, per-device batch, ...]), unrolled
+  (loop.unrolled); returns the state and each metric stacked over the steps."""
   step = jax.jit(functools.partial(train_step, config=config, data_variance=data_variance))
-  outputs = []
-  for i in range(keys.shape[0]):
-    state, step_metrics = step(state, batches[i], keys[i])
-    outputs.append(step_metrics)
-  return state, jax.tree.map(lambda *values: jnp.stack(values), *outputs)
+  return loop.unrolled(state, [(step, (batches[i], keys[i])) for i in range(keys.shape[0])])
 
 
 def data_variance(source, image_size: int, sample: int = 512) -> float:

@@ -47,10 +47,14 @@ class Discriminator(nn.Module):
 
 
 def make_train_step(generator, discriminator, codebook, latent_dim, learning_rate, r1_gamma=1.0, temperature=1.0,
-                    r1_every=1, one_hot=False):
+                    r1_every=1, one_hot=False, channels_last=False):
   """The step oasis_jax's gan_trainer runs: one generator forward pass whose fakes train D (detached) and then G;
   R1 on real inputs every r1_every-th step, scaled by r1_every (lazy R1). one_hot: D sees one-hot codes [N, K, s, s]
-  (config.discriminator_input='one_hot'), else codebook embeddings [N, D, s, s]."""
+  (config.discriminator_input='one_hot'), else codebook embeddings [N, D, s, s]. channels_last: both nets and what
+  D sees are NHWC in memory (torch.channels_last)."""
+  layout = torch.channels_last if channels_last else torch.contiguous_format
+  generator.to(memory_format=layout)
+  discriminator.to(memory_format=layout)
   g_opt = torch.optim.Adam(generator.parameters(), lr=learning_rate, betas=(0.5, 0.999))
   d_opt = torch.optim.Adam(discriminator.parameters(), lr=learning_rate, betas=(0.5, 0.999))
   k = codebook.shape[0]
@@ -62,14 +66,14 @@ def make_train_step(generator, discriminator, codebook, latent_dim, learning_rat
     hard = F.one_hot(noisy.argmax(1), k).permute(0, 3, 1, 2).float()
     soft = torch.softmax(noisy / temperature, 1)
     relaxed = hard + soft - soft.detach()
-    return relaxed if one_hot else torch.einsum('nkhw,kd->ndhw', relaxed, codebook)
+    return (relaxed if one_hot else torch.einsum('nkhw,kd->ndhw', relaxed, codebook)).contiguous(memory_format=layout)
 
   def step(real_codes):
     n = real_codes.shape[0]
     count[0] += 1
     with_r1 = r1_gamma > 0 and count[0] % r1_every == 0
     real = F.one_hot(real_codes, k).float() if one_hot else codebook[real_codes]
-    real = real.permute(0, 3, 1, 2).contiguous().requires_grad_(with_r1)
+    real = real.permute(0, 3, 1, 2).contiguous(memory_format=layout).requires_grad_(with_r1)
     d_opt.zero_grad(set_to_none=True)
     fake = generate(n)
     real_logits = discriminator(real)

@@ -6,9 +6,9 @@
 seed: the `default` GAN recipe over the `default` stage 1 (64x64 code maps, K=512, D=64, batch 64, widths 64);
 demo: the `demo` recipes (32x32 codes, K=64, D=16, batch 32, generator width 16, discriminator 32). Both with the
 logits head, minibatch std and R1 as configured. oasis_jax's real pmapped calls (1 device, config.steps_per_call
-steps each) vs bench/torch_dcgan.py eager and torch.compile, in alternating rounds; median images/s, the ratio, and
-useful FLOP/s (XLA's cost analysis of the step written with direct convolutions, conv_impl=xla) vs the fp32 GEMM
-peak.
+steps each) vs bench/torch_dcgan.py eager and torch.compile, NCHW and channels-last, in alternating rounds; median
+images/s, the ratio, and useful FLOP/s (XLA's cost analysis of the step written with direct convolutions,
+conv_impl=xla) vs the fp32 GEMM peak.
 """
 import argparse
 import functools
@@ -66,7 +66,7 @@ def jax_runner(config, stage1, real_codes, codebook):
   return run
 
 
-def torch_runner(config, stage1, real_codes, codebook, compiled):
+def torch_runner(config, stage1, real_codes, codebook, compiled, channels_last=False):
   import torch
   from bench import torch_dcgan
   torch.manual_seed(0)
@@ -76,7 +76,8 @@ def torch_runner(config, stage1, real_codes, codebook, compiled):
                                             config.discriminator_width, config.minibatch_std_group)
   step = torch_dcgan.make_train_step(generator, discriminator, torch.from_numpy(np.asarray(codebook)),
                                      config.latent_dim, config.learning_rate, config.r1_gamma,
-                                     r1_every=config.r1_every, one_hot=gan_trainer.sees_one_hot(config))
+                                     r1_every=config.r1_every, one_hot=gan_trainer.sees_one_hot(config),
+                                     channels_last=channels_last)
   if compiled:
     step = torch.compile(step)
   codes = torch.from_numpy(np.asarray(real_codes, np.int64))
@@ -101,6 +102,8 @@ def main():
   parser.add_argument('--steps_per_call', default='',
                       help="oasis_jax variants: steps per compiled call (config.steps_per_call), e.g. 1,4; default: "
                       "the recipe's")
+  parser.add_argument('--torch', default='eager,compiled,eager-channels_last,compiled-channels_last',
+                      help='PyTorch peers: MODE[-channels_last] (memory_format=torch.channels_last)')
   parser.add_argument('--conv_impls', default='xla,auto,auto+xla_transforms',
                       help='oasis_jax variants: config.conv_impl, +xla_transforms: Winograd minus native kernels')
   args = parser.parse_args()
@@ -129,11 +132,13 @@ def main():
             runners[name] = jax_runner(config, stage1, real_codes, codebook)   # traces here
     config.r1_every = recipe_r1_every
     flops = model_flops(config, stage1, real_codes, codebook)
-    for mode in ('eager', 'compiled'):
+    for peer in args.torch.split(','):
+      mode, *layout = peer.split('-')
       try:
-        runners[f'torch {mode}'] = torch_runner(config, stage1, real_codes, codebook, mode == 'compiled')
+        runners[f'torch {peer}'] = torch_runner(config, stage1, real_codes, codebook, mode == 'compiled',
+                                                layout == ['channels_last'])
       except Exception as error:
-        print(f'  torch {mode}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
+        print(f'  torch {peer}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
     cycle = math.lcm(*r1_intervals, *per_calls)   # whole lazy-R1 cycles of whole calls
     steps = cycle * -(-(2 if size == 'seed' else 5) // cycle)
     medians = alternating_medians({name: functools.partial(run, steps) for name, run in runners.items()},
@@ -144,7 +149,7 @@ def main():
     rates = {}
     for name, median in medians.items():
       rates[name] = config.batch_size / median
-      print(f'  {name:22} {median:8.3f} s/step {rates[name]:9.1f} images/s')
+      print(f'  {name:32} {median:8.3f} s/step {rates[name]:9.1f} images/s')
     best_torch = max((v for n, v in rates.items() if n.startswith('torch')), default=float('nan'))
     summary['sizes'][size] = {'images_per_s': rates, 'useful_gflop_per_step': flops / 1e9}
     for name in rates:

@@ -2,14 +2,14 @@
 
     python -m bench.train_step [--sizes=seed,demo] [--rounds=5]
 
-For each size (seed: the `default` recipe, 256x256 slices at batch 32, 64x64 codes, K=512; demo: the `demo`
-recipe) it times oasis_jax's real pmapped train step (1 device, fp32, donated state) and the PyTorch peer
+For each size (seed: the `default` recipe, 256x256 slices at batch 32, 64x64 codes, K=512; demo: the `demo` recipe)
+it times oasis_jax's real pmapped train step (1 device, fp32, donated state) and the PyTorch peer
 (bench/torch_vqvae.py: eager and torch.compile, the seed's transposed-conv upsampling and the sub-pixel form JAX
-uses), in alternating rounds in one process, and prints the median images/s of each, the ratio JAX / best PyTorch,
-and JAX's useful FLOP/s as a fraction of the median jitted fp32 GEMM FLOP/s. Useful FLOPs are the model's: XLA's
-cost analysis of the step written with direct convolutions (conv_impl=xla); Winograd layers execute fewer (also
-printed), so their useful rate can pass what the GEMM peak would allow for direct convolutions. Needs
-bench/requirements.txt (torch==2.13.0, the CPU build on these machines).
+uses, NCHW and channels-last), in alternating rounds in one process, and prints the median images/s of each, the
+ratio JAX / best PyTorch, and JAX's useful FLOP/s as a fraction of the median jitted fp32 GEMM FLOP/s. Useful FLOPs
+are the model's: XLA's cost analysis of the step written with direct convolutions (conv_impl=xla); Winograd layers
+execute fewer (also printed), so their useful rate can pass what the GEMM peak would allow for direct convolutions.
+Needs bench/requirements.txt (torch==2.13.0, the CPU build on these machines).
 """
 import argparse
 import contextlib
@@ -47,13 +47,30 @@ def gemm_peak(n=2048, repeats=5):
   return 4 * 2 * n ** 3 / statistics.median(times)
 
 
+def cpu_kind(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The CPU's model name and the vector features that matter here: 'AVX-512 with AMX', 'AVX-512' or 'AVX2 only'
+  (VMs of one kind differ 3-5x in speed on this project by these)."""
+  try:
+    with open(cpuinfo) as f:
+      text = f.read()
+  except OSError:
+    return 'unknown CPU'
+  model = next((line.split(':', 1)[1].strip() for line in text.splitlines() if line.startswith('model name')), '?')
+  flags = set(next((line.split(':', 1)[1].split() for line in text.splitlines() if line.startswith('flags')), []))
+  if 'avx512f' in flags:
+    vector = 'AVX-512 with AMX' if 'amx_tile' in flags else 'AVX-512'
+  else:
+    vector = 'AVX2 only' if 'avx2' in flags else 'no AVX2'
+  return f'{model} ({vector})'
+
+
 def machine_header() -> float:
-  """Prints what the figures were measured on (cores, versions, GEMM peak) and returns the peak FLOP/s."""
+  """Prints what the figures were measured on (CPU kind, cores, versions, GEMM peak) and returns the peak FLOP/s."""
   import torch
   torch.set_num_threads(os.cpu_count())
   peak = gemm_peak()
-  print(f'machine: {os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}, torch '
-        f'{torch.__version__}; jitted fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s', flush=True)
+  print(f'machine: {cpu_kind()}, {os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}, '
+        f'torch {torch.__version__}; jitted fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s', flush=True)
   return peak
 
 
@@ -120,17 +137,20 @@ def jax_runner(config, batch, steps: int):
   return run, flops
 
 
-def torch_runner(config, batch, kind, compiled, steps: int):
+def torch_runner(config, batch, kind, compiled, steps: int, channels_last: bool = False):
   import torch
   from bench import torch_vqvae
   torch.manual_seed(0)
   cfg = config.copy_and_resolve_references()
   cfg.upsample = kind
   model = torch_vqvae.VQVAE(cfg)
+  images = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+  if channels_last:   # NHWC in memory, as oasis_jax's layout (torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last)
   step = torch_vqvae.make_train_step(model, cfg.learning_rate, 0.08, ssim_weight=cfg.get('ssim_weight', 0.0))
   if compiled:
     step = torch.compile(step)
-  images = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
 
   def run(steps=steps):
     for _ in range(steps):
@@ -145,7 +165,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--sizes', default='seed,demo')
   parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument('--torch', default='transpose-eager,transpose-compiled,subpixel-eager,subpixel-compiled')
+  parser.add_argument('--torch', default='transpose-eager,transpose-compiled,subpixel-eager,subpixel-compiled,'
+                      'subpixel-eager-channels_last,subpixel-compiled-channels_last',
+                      help='PyTorch peers: UPSAMPLE-MODE[-channels_last] (memory_format=torch.channels_last)')
   parser.add_argument('--conv_impls', default='auto,auto+xla_transforms',
                       help='oasis_jax variants: config.conv_impl, +xla_transforms: Winograd minus native kernels')
   parser.add_argument('--steps_per_call', default='1,10',
@@ -167,19 +189,20 @@ def main():
         with context:
           runners[name], flops[name] = jax_runner(config, batch, steps)
     for name in args.torch.split(','):
-      kind, mode = name.split('-')
+      kind, mode, *layout = name.split('-')
       try:
-        runners[f'torch {name}'] = torch_runner(config, batch, kind, mode == 'compiled', steps)
+        runners[f'torch {name}'] = torch_runner(config, batch, kind, mode == 'compiled', steps,
+                                                layout == ['channels_last'])
       except Exception as error:   # torch.compile needs a working C++ toolchain; report, don't hide
         print(f'  torch {name}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
     medians = alternating_medians(runners, args.rounds)
     print(f'\n{size}: {config.image_size}x{config.image_size}, batch {config.batch_size}, hidden '
           f'{config.num_hiddens}, K={config.num_embeddings}, {args.rounds} alternating rounds of >= {steps} step(s)')
-    print(f'  {"implementation":28} {"s/step":>8} {"images/s":>9}')
+    print(f'  {"implementation":40} {"s/step":>8} {"images/s":>9}')
     rates = {}
     for name, median in medians.items():
       rates[name] = config.batch_size / median
-      print(f'  {name:28} {median:8.3f} {rates[name]:9.2f}')
+      print(f'  {name:40} {median:8.3f} {rates[name]:9.2f}')
     best_torch = max((v for k, v in rates.items() if k.startswith('torch')), default=float('nan'))
     summary['sizes'][size] = {'images_per_s': rates}
     useful = model_flops(config, batch)

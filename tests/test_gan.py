@@ -294,6 +294,9 @@ def test_gan_config_errors_name_the_field():
   config.discriminator_learning_rate, config.learning_rate = 0.0, 0.0
   with pytest.raises(UserError, match=r'^config.learning_rate=0.0: expected a positive rate$'):
     gan_trainer.check_config(config, stage1)
+  config.learning_rate, config.upsample = 1e-3, 'bilinear'
+  with pytest.raises(UserError, match=r"^config.upsample='bilinear': expected subpixel or transpose$"):
+    gan_trainer.check_config(config, stage1)
 
 
 def test_train_gan_logs_and_checkpoints(tiny_chain):

@@ -58,6 +58,8 @@ def check_config(config, stage1_config) -> None:
     if config.get(field, 1) <= 0:
       raise UserError(f'config.{field}={config[field]}: expected a positive number')
   ops.check_conv_impl(config.get('conv_impl', 'xla'))
+  if config.upsample not in ('subpixel', 'transpose'):
+    raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
   if config.head not in ('logits', 'latent'):
     raise UserError(f'config.head={config.head!r}: expected logits (design a) or latent (design b)')
   if config.get('discriminator_input', 'embedding') not in ('embedding', 'one_hot'):

@@ -1,14 +1,14 @@
 """Stage-2 G+D train step: oasis_jax vs a PyTorch peer of the same models, and against this machine's GEMM peak.
 
     python -m bench.train_gan_step [--sizes=seed,demo] [--rounds=5] [--conv_impls=xla,auto,auto+xla_transforms]
-        [--steps_per_call=1,4]
+        [--steps_per_call=1,4] [--batch_sizes=16,32] [--torch=eager,eager-channels_last]
 
-seed: the `default` GAN recipe over the `default` stage 1 (64x64 code maps, K=512, D=64, batch 64, widths 64);
-demo: the `demo` recipes (32x32 codes, K=64, D=16, batch 32, generator width 16, discriminator 32). Both with the
-logits head, minibatch std and R1 as configured. oasis_jax's real pmapped calls (1 device, config.steps_per_call
-steps each) vs bench/torch_dcgan.py eager and torch.compile, NCHW and channels-last, in alternating rounds; median
-images/s, the ratio, and useful FLOP/s (XLA's cost analysis of the step written with direct convolutions,
-conv_impl=xla) vs the fp32 GEMM peak.
+seed: the `default` GAN recipe over the `default` stage 1 (64x64 code maps, K=512, D=64, batch 64, widths 64); demo:
+the `demo` recipes (32x32 codes, K=64, D=16, batch 32, generator width 16, discriminator 32). Both with the logits
+head, minibatch std and R1 as configured. oasis_jax's real pmapped calls (1 device, config.steps_per_call steps each;
+--batch_sizes for other global batches) vs bench/torch_dcgan.py eager and torch.compile, NCHW and channels-last, in
+alternating rounds; median images/s, the ratio, and useful FLOP/s (XLA's cost analysis of the step written with
+direct convolutions, conv_impl=xla) vs the fp32 GEMM peak.
 """
 import argparse
 import functools
@@ -102,6 +102,9 @@ def main():
   parser.add_argument('--steps_per_call', default='',
                       help="oasis_jax variants: steps per compiled call (config.steps_per_call), e.g. 1,4; default: "
                       "the recipe's")
+  parser.add_argument('--batch_sizes', default='',
+                      help="oasis_jax variants: global batch sizes (config.batch_size), e.g. 16,32; default: the "
+                      "recipe's. The PyTorch peers run the recipe's")
   parser.add_argument('--torch', default='eager,compiled,eager-channels_last,compiled-channels_last',
                       help='PyTorch peers: MODE[-channels_last] (memory_format=torch.channels_last)')
   parser.add_argument('--conv_impls', default='xla,auto,auto+xla_transforms',
@@ -115,28 +118,34 @@ def main():
     config.discriminator_input = args.discriminator_input or config.discriminator_input
     s, k = sampling.code_size(stage1), stage1.num_embeddings
     rng = np.random.default_rng(0)
-    real_codes = rng.integers(0, k, (config.batch_size, s, s)).astype(np.int32)
+    batches = [int(b) for b in args.batch_sizes.split(',')] if args.batch_sizes else [config.batch_size]
+    recipe_batch = config.batch_size
+    all_codes = rng.integers(0, k, (max(batches + [recipe_batch]), s, s)).astype(np.int32)
+    real_codes = all_codes[:recipe_batch]
     codebook = rng.standard_normal((k, stage1.embedding_dim)).astype(np.float32)
-    runners = {}
+    runners, batch_of = {}, {}
     recipe_r1_every = config.r1_every
     r1_intervals = [int(k) for k in args.r1_every.split(',')] if args.r1_every else [recipe_r1_every]
     per_calls = [int(n) for n in args.steps_per_call.split(',')] if args.steps_per_call else [config.steps_per_call]
     for spec in args.conv_impls.split(','):   # 'auto+xla_transforms': Winograd without the native kernels
       for r1_every in r1_intervals:
         for per_call in per_calls:
-          config.conv_impl, context = conv_variant(spec)
-          config.r1_every, config.steps_per_call = r1_every, per_call
-          name = (f'oasis_jax conv {spec}' + (f' r1/{r1_every}' if len(r1_intervals) > 1 else '')
-                  + (f' x{per_call}' if len(per_calls) > 1 else ''))
-          with context:
-            runners[name] = jax_runner(config, stage1, real_codes, codebook)   # traces here
-    config.r1_every = recipe_r1_every
+          for batch in batches:
+            config.conv_impl, context = conv_variant(spec)
+            config.r1_every, config.steps_per_call, config.batch_size = r1_every, per_call, batch
+            name = (f'oasis_jax conv {spec}' + (f' r1/{r1_every}' if len(r1_intervals) > 1 else '')
+                    + (f' x{per_call}' if len(per_calls) > 1 else '') + (f' b{batch}' if len(batches) > 1 else ''))
+            with context:
+              runners[name] = jax_runner(config, stage1, all_codes[:batch], codebook)   # traces here
+            batch_of[name] = batch
+    config.r1_every, config.batch_size = recipe_r1_every, recipe_batch
     flops = model_flops(config, stage1, real_codes, codebook)
     for peer in args.torch.split(','):
       mode, *layout = peer.split('-')
       try:
         runners[f'torch {peer}'] = torch_runner(config, stage1, real_codes, codebook, mode == 'compiled',
                                                 layout == ['channels_last'])
+        batch_of[f'torch {peer}'] = recipe_batch
       except Exception as error:
         print(f'  torch {peer}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
     cycle = math.lcm(*r1_intervals, *per_calls)   # whole lazy-R1 cycles of whole calls
@@ -148,13 +157,13 @@ def main():
           f'of {steps} steps')
     rates = {}
     for name, median in medians.items():
-      rates[name] = config.batch_size / median
+      rates[name] = batch_of[name] / median
       print(f'  {name:32} {median:8.3f} s/step {rates[name]:9.1f} images/s')
     best_torch = max((v for n, v in rates.items() if n.startswith('torch')), default=float('nan'))
     summary['sizes'][size] = {'images_per_s': rates, 'useful_gflop_per_step': flops / 1e9}
     for name in rates:
       if name.startswith('oasis_jax'):
-        achieved = flops * rates[name] / config.batch_size
+        achieved = flops * rates[name] / config.batch_size   # the model's FLOPs per image, at any batch
         print(f'  {name}: {rates[name] / best_torch:.2f}x the best torch;  {flops / 1e9:.2f} GFLOP/step, useful '
               f'{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the GEMM peak', flush=True)
         summary['sizes'][size][name] = {'ratio_vs_best_torch': rates[name] / best_torch,

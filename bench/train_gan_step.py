@@ -164,7 +164,8 @@ def main():
     for name in rates:
       if name.startswith('oasis_jax'):
         achieved = flops * rates[name] / config.batch_size   # the model's FLOPs per image, at any batch
-        print(f'  {name}: {rates[name] / best_torch:.2f}x the best torch;  {flops / 1e9:.2f} GFLOP/step, useful '
+        print(f'  {name}: {rates[name] / best_torch:.2f}x the best torch;  {flops / 1e9:.2f} GFLOP per step of '
+              f'{config.batch_size}, useful '
               f'{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the GEMM peak', flush=True)
         summary['sizes'][size][name] = {'ratio_vs_best_torch': rates[name] / best_torch,
                                         'useful_fraction_of_gemm_peak': achieved / peak}

@@ -4,7 +4,7 @@
         [--steps_per_call=1,4] [--batch_sizes=16,32] [--torch=eager,eager-channels_last]
 
 seed: the `default` GAN recipe over the `default` stage 1 (64x64 code maps, K=512, D=64, batch 64, widths 64); demo:
-the `demo` recipes (32x32 codes, K=64, D=16, batch 32, generator width 16, discriminator 32). Both with the logits
+the `demo` recipes (32x32 codes, K=64, D=16, batch 16, generator width 16, discriminator 32). Both with the logits
 head, minibatch std and R1 as configured. oasis_jax's real pmapped calls (1 device, config.steps_per_call steps each;
 --batch_sizes for other global batches) vs bench/torch_dcgan.py eager and torch.compile, NCHW and channels-last, in
 alternating rounds; median images/s, the ratio, and useful FLOP/s (XLA's cost analysis of the step written with
@@ -110,6 +110,10 @@ def main():
   parser.add_argument('--conv_impls', default='xla,auto,auto+xla_transforms',
                       help='oasis_jax variants: config.conv_impl, +xla_transforms: Winograd minus native kernels')
   args = parser.parse_args()
+  for peer in args.torch.split(','):
+    mode, *layout = peer.split('-')
+    if mode not in ('eager', 'compiled') or layout not in ([], ['channels_last']):
+      parser.error(f'--torch: {peer!r} is not MODE[-channels_last] with MODE eager or compiled')
   peak = machine_header()
   summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}
   for size in args.sizes.split(','):

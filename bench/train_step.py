@@ -173,6 +173,12 @@ def main():
   parser.add_argument('--steps_per_call', default='1,10',
                       help='oasis_jax variants (config.steps_per_call; the seed recipe\'s default: 10) to time')
   args = parser.parse_args()
+  for name in args.torch.split(','):
+    kind, _, rest = name.partition('-')
+    mode, _, layout = rest.partition('-')
+    if kind not in ('transpose', 'subpixel') or mode not in ('eager', 'compiled') or layout not in ('', 'channels_last'):
+      parser.error(f'--torch: {name!r} is not UPSAMPLE-MODE[-channels_last] (transpose or subpixel, eager or '
+                   f'compiled)')
   peak = machine_header()
   summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}
   for size in args.sizes.split(','):

@@ -52,6 +52,9 @@ def depth_to_space(x, block: int = 2):
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * block, w * block, c // block ** 2)
 
 
+UPSAMPLE_KINDS = ('subpixel', 'transpose')
+
+
 class Upsample(nn.Module):
   """x2 upsampling: 'subpixel' (3x3 conv to 4C + depth-to-space) or 'transpose' (4x4 stride-2 transposed conv)."""
   features: int

@@ -21,7 +21,7 @@ from flax.training import train_state
 from oasis_jax import checkpoints, images, metrics, ops, parallel, sampling, stage1, timing
 from oasis_jax.data import input_pipeline, tfds_oasis
 from oasis_jax.errors import UserError
-from oasis_jax.models import dcgan
+from oasis_jax.models import dcgan, vqvae
 from oasis_jax.training import augment, loop
 
 # Fields that define the models: a resumed run must have the same ones.
@@ -58,7 +58,7 @@ def check_config(config, stage1_config) -> None:
     if config.get(field, 1) <= 0:
       raise UserError(f'config.{field}={config[field]}: expected a positive number')
   ops.check_conv_impl(config.get('conv_impl', 'xla'))
-  if config.upsample not in ('subpixel', 'transpose'):
+  if config.upsample not in vqvae.UPSAMPLE_KINDS:
     raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
   if config.head not in ('logits', 'latent'):
     raise UserError(f'config.head={config.head!r}: expected logits (design a) or latent (design b)')

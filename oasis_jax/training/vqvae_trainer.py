@@ -42,7 +42,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.lr_schedule={config.lr_schedule!r}: expected constant or cosine')
   if config.learning_rate <= 0:
     raise UserError(f'config.learning_rate={config.learning_rate}: expected a positive number')
-  if config.upsample not in ('subpixel', 'transpose'):
+  if config.upsample not in vqvae.UPSAMPLE_KINDS:
     raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
   if not 0 <= config.clip_margin <= 1:
     raise UserError(f'config.clip_margin={config.clip_margin}: expected a value in [0, 1]')

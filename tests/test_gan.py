@@ -20,6 +20,25 @@ from oasis_jax.models import dcgan, vqvae
 from oasis_jax.training import augment, gan_trainer
 
 
+def test_gumbel_noise_has_the_gumbel_distribution_and_one_stream_per_row():
+  """Gumbel(0, 1): mean Euler's gamma, variance pi^2 / 6, CDF exp(-exp(-x)); argmax(logits + noise) draws codes with
+  probabilities softmax(logits) (the Gumbel-max trick); a row's noise depends on its index, not on the batch."""
+  rows = jnp.arange(4, 12)
+  noise = np.asarray(sampling.gumbel_noise(jax.random.key(0), rows, (32, 32, 64)), np.float64)
+  assert noise.shape == (8, 32, 32, 64)
+  assert abs(noise.mean() - np.euler_gamma) < 0.005                        # standard error 0.0014
+  assert abs(noise.var() - np.pi ** 2 / 6) < 0.02
+  for x in (-1.0, 0.0, 1.0, 3.0):
+    assert abs((noise <= x).mean() - np.exp(-np.exp(-x))) < 0.003
+  assert abs(np.corrcoef(noise[0].ravel(), noise[1].ravel())[0, 1]) < 0.01   # rows are not one stream
+  logits = jnp.log(jnp.asarray([0.5, 0.3, 0.15, 0.05]))
+  codes = np.asarray(jnp.argmax(logits + sampling.gumbel_noise(jax.random.key(1), jnp.arange(64), (64, 64, 4)), -1))
+  np.testing.assert_allclose(np.bincount(codes.ravel(), minlength=4) / codes.size, [0.5, 0.3, 0.15, 0.05], atol=0.004)
+  alone = sampling.gumbel_noise(jax.random.key(0), jnp.arange(6, 8), (32, 32, 64))
+  np.testing.assert_array_equal(alone, noise[2:4].astype(np.float32))
+  assert not np.array_equal(sampling.gumbel_noise(jax.random.key(2), rows[:1], (32, 32, 64)), noise[:1])
+
+
 def test_gumbel_straight_through_is_one_hot_forward_and_softmax_backward():
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 5)), jnp.float32)
   noise = jax.random.gumbel(jax.random.key(1), logits.shape)
@@ -221,8 +240,7 @@ def test_discriminator_update_is_the_gradient_on_real_and_generated_codes(discri
   g_model, d_model = sampling.make_models(config, stage1)
   outputs = g_model.apply({'params': states[0].params, 'batch_stats': states[0].batch_stats}, z, train=True,
                           mutable=['batch_stats'])[0]
-  codes = np.asarray(jnp.argmax(outputs + sampling.per_row_noise(
-      gumbel_key, jnp.arange(8), lambda k: jax.random.gumbel(k, outputs.shape[1:])), axis=-1))
+  codes = np.asarray(jnp.argmax(outputs + sampling.gumbel_noise(gumbel_key, jnp.arange(8), outputs.shape[1:]), axis=-1))
   seen = (lambda c: np.eye(32, dtype=np.float32)[c]) if discriminator_input == 'one_hot' else (lambda c: codebook[c])
   assert seen(real[0]).shape[-1] == (32 if discriminator_input == 'one_hot' else 8)
 
@@ -253,7 +271,7 @@ def test_one_generator_pass_gives_the_generator_gradient_under_the_updated_discr
   def loss(g_params):
     outputs = g_model.apply({'params': g_params, 'batch_stats': states[0].batch_stats}, z, train=True,
                             mutable=['batch_stats'])[0]
-    gumbel = sampling.per_row_noise(gumbel_key, rows, lambda k: jax.random.gumbel(k, outputs.shape[1:]))
+    gumbel = sampling.gumbel_noise(gumbel_key, rows, outputs.shape[1:])
     fake, _, penalty = gan_trainer.generated_codes(outputs, codebook, config, gumbel)
     return gan_trainer.generator_loss(d_model.apply({'params': d_params}, fake), config.loss) + penalty
   expected = jax.grad(loss)(states[0].params)

@@ -179,7 +179,7 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
     z = sampling.per_row_noise(z_key, rows, lambda k_: jax.random.normal(k_, (config.latent_dim,)))
     outputs, updates = generator.apply({'params': g_params, 'batch_stats': g_state.batch_stats}, z, train=True,
                                        mutable=['batch_stats'])
-    gumbel = sampling.per_row_noise(gumbel_key, rows, lambda k_: jax.random.gumbel(k_, outputs.shape[1:], outputs.dtype))
+    gumbel = sampling.gumbel_noise(gumbel_key, rows, outputs.shape[1:], outputs.dtype)
     fake, codes, penalty = generated_codes(outputs, codebook, config, gumbel)
     return (fake, jnp.asarray(penalty, fake.dtype)), (codes, updates['batch_stats'])
 

@@ -172,6 +172,9 @@ def main():
                       help='oasis_jax variants: config.conv_impl, +xla_transforms: Winograd minus native kernels')
   parser.add_argument('--steps_per_call', default='1,10',
                       help='oasis_jax variants (config.steps_per_call; the seed recipe\'s default: 10) to time')
+  parser.add_argument('--batch_sizes', default='',
+                      help="oasis_jax variants: global batch sizes (config.batch_size), e.g. 4,8; default: the "
+                      "recipe's. The PyTorch peers run the recipe's")
   args = parser.parse_args()
   for name in args.torch.split(','):
     kind, _, rest = name.partition('-')
@@ -183,22 +186,27 @@ def main():
   summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}
   for size in args.sizes.split(','):
     config = vqvae_configs.get_config('default' if size == 'seed' else size)
-    batch = np.random.default_rng(0).random((config.batch_size, config.image_size, config.image_size, 1),
-                                            np.float32)
+    batches = [int(b) for b in args.batch_sizes.split(',')] if args.batch_sizes else [config.batch_size]
+    images = np.random.default_rng(0).random((max(batches + [config.batch_size]), config.image_size,
+                                              config.image_size, 1), np.float32)
+    batch = images[:config.batch_size]
     steps = 1 if size == 'seed' else 3
-    runners, flops = {}, {}
+    runners, flops, batch_of = {}, {}, {}
     for spec in args.conv_impls.split(','):
       for per_call in args.steps_per_call.split(','):
-        impl, context = conv_variant(spec)
-        config.conv_impl, config.steps_per_call = impl, int(per_call)
-        name = f'oasis_jax {spec}, {per_call}/call'
-        with context:
-          runners[name], flops[name] = jax_runner(config, batch, steps)
+        for size_of_batch in batches:
+          impl, context = conv_variant(spec)
+          config.conv_impl, config.steps_per_call = impl, int(per_call)
+          name = f'oasis_jax {spec}, {per_call}/call' + (f', b{size_of_batch}' if len(batches) > 1 else '')
+          with context:
+            runners[name], flops[name] = jax_runner(config, images[:size_of_batch], steps)
+          batch_of[name] = size_of_batch
     for name in args.torch.split(','):
       kind, mode, *layout = name.split('-')
       try:
         runners[f'torch {name}'] = torch_runner(config, batch, kind, mode == 'compiled', steps,
                                                 layout == ['channels_last'])
+        batch_of[f'torch {name}'] = config.batch_size
       except Exception as error:   # torch.compile needs a working C++ toolchain; report, don't hide
         print(f'  torch {name}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
     medians = alternating_medians(runners, args.rounds)
@@ -207,16 +215,17 @@ def main():
     print(f'  {"implementation":40} {"s/step":>8} {"images/s":>9}')
     rates = {}
     for name, median in medians.items():
-      rates[name] = config.batch_size / median
+      rates[name] = batch_of[name] / median
       print(f'  {name:40} {median:8.3f} {rates[name]:9.2f}')
     best_torch = max((v for k, v in rates.items() if k.startswith('torch')), default=float('nan'))
     summary['sizes'][size] = {'images_per_s': rates}
     useful = model_flops(config, batch)
-    print(f'  model: {useful / 1e9:.1f} GFLOP/step with direct convolutions')
+    print(f'  model: {useful / 1e9:.1f} GFLOP/step of {config.batch_size} with direct convolutions')
     for name in flops:
-      achieved = useful * rates[name] / config.batch_size
+      achieved = useful * rates[name] / config.batch_size   # the model's FLOPs per image, at any batch
       print(f'  {name}: {rates[name] / best_torch:.2f}x the best torch;  useful {achieved / 1e9:.1f} GFLOP/s = '
-            f'{achieved / peak:.1%} of the GEMM peak (executes {flops[name] / 1e9:.1f} GFLOP/step)', flush=True)
+            f'{achieved / peak:.1%} of the GEMM peak (executes {flops[name] / 1e9:.1f} GFLOP/step of '
+            f'{batch_of[name]})', flush=True)
       summary['sizes'][size][name] = {'ratio_vs_best_torch': rates[name] / best_torch,
                                       'executed_gflop_per_step': flops[name] / 1e9,
                                       'useful_gflop_per_step': useful / 1e9, 'useful_fraction_of_gemm_peak':

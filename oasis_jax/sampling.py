@@ -52,7 +52,8 @@ def gumbel_noise(key, rows, shape, dtype=jnp.float32):
     state = jax.random.bits(jax.random.fold_in(key, row), (4,), jnp.uint32)
     return jax.lax.rng_bit_generator(state, tuple(shape), jnp.uint32,
                                      algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY)[1]
-  bits = jnp.stack([row_bits(rows[i]) for i in range(rows.shape[0])])   # not vmap: rng_bit_generator batched does not draw row by row
+  # Row by row, not vmap: under vmap rng_bit_generator does not draw each row's bits from that row's key.
+  bits = jnp.stack([row_bits(rows[i]) for i in range(rows.shape[0])])
   # The top 23 bits as a float32 mantissa: uniform on [0, 1) in steps of 2^-23, as jax.random.uniform makes them.
   uniform = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
   uniform = jnp.maximum(uniform, jnp.finfo(jnp.float32).tiny)

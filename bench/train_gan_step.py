@@ -18,7 +18,7 @@ import math
 import jax
 import numpy as np
 
-from bench.train_step import alternating_medians, conv_variant, machine_header, xla_flops
+from bench.train_step import alternating_medians, conv_variant, int_list, machine_header, xla_flops
 from configs import gan as gan_configs
 from configs import vqvae as vqvae_configs
 from oasis_jax import parallel, sampling
@@ -122,15 +122,15 @@ def main():
     config.discriminator_input = args.discriminator_input or config.discriminator_input
     s, k = sampling.code_size(stage1), stage1.num_embeddings
     rng = np.random.default_rng(0)
-    batches = [int(b) for b in args.batch_sizes.split(',')] if args.batch_sizes else [config.batch_size]
+    batches = int_list(args.batch_sizes, config.batch_size)
     recipe_batch = config.batch_size
     all_codes = rng.integers(0, k, (max(batches + [recipe_batch]), s, s)).astype(np.int32)
     real_codes = all_codes[:recipe_batch]
     codebook = rng.standard_normal((k, stage1.embedding_dim)).astype(np.float32)
     runners, batch_of = {}, {}
     recipe_r1_every = config.r1_every
-    r1_intervals = [int(k) for k in args.r1_every.split(',')] if args.r1_every else [recipe_r1_every]
-    per_calls = [int(n) for n in args.steps_per_call.split(',')] if args.steps_per_call else [config.steps_per_call]
+    r1_intervals = int_list(args.r1_every, recipe_r1_every)
+    per_calls = int_list(args.steps_per_call, config.steps_per_call)
     for spec in args.conv_impls.split(','):   # 'auto+xla_transforms': Winograd without the native kernels
       for r1_every in r1_intervals:
         for per_call in per_calls:

@@ -83,6 +83,11 @@ def conv_variant(spec: str):
   return impl, winograd_cpu.turned_off() if variant else contextlib.nullcontext()
 
 
+def int_list(text: str, default: int) -> list[int]:
+  """A comma-separated flag such as --batch_sizes=4,8 as ints; [default] when it is empty."""
+  return [int(item) for item in text.split(',')] if text else [default]
+
+
 def alternating_medians(runners: dict, rounds: int) -> dict:
   """Median seconds per step of each runner (a callable that runs some steps and returns how many), timed in
   alternating rounds so that drifts in machine speed hit all alike."""
@@ -186,7 +191,7 @@ def main():
   summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}
   for size in args.sizes.split(','):
     config = vqvae_configs.get_config('default' if size == 'seed' else size)
-    batches = [int(b) for b in args.batch_sizes.split(',')] if args.batch_sizes else [config.batch_size]
+    batches = int_list(args.batch_sizes, config.batch_size)
     images = np.random.default_rng(0).random((max(batches + [config.batch_size]), config.image_size,
                                               config.image_size, 1), np.float32)
     batch = images[:config.batch_size]

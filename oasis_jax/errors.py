@@ -12,6 +12,15 @@ class UserError(Exception):
   """A problem with the user's input: data, config or files. The message is one line."""
 
 
+def check_choice(config, field: str, choices, default=None) -> None:
+  """A UserError naming config.<field> and the choices when its value (default where the config lacks the field) is
+  not one of them."""
+  value = config.get(field, default)
+  if value not in choices:
+    expected = ' or '.join(choices) if len(choices) == 2 else 'one of ' + ', '.join(choices)
+    raise UserError(f'config.{field}={value!r}: expected {expected}')
+
+
 class DiskFull(UserError):
   """A write failed for want of space; the message names what was being written."""
 

@@ -315,6 +315,12 @@ def test_gan_config_errors_name_the_field():
   config.learning_rate, config.upsample = 1e-3, 'bilinear'
   with pytest.raises(UserError, match=r"^config.upsample='bilinear': expected subpixel or transpose$"):
     gan_trainer.check_config(config, stage1)
+  config.upsample, config.loss = 'subpixel', 'wasserstein'
+  with pytest.raises(UserError, match=r"^config.loss='wasserstein': expected nonsaturating or hinge$"):
+    gan_trainer.check_config(config, stage1)
+  config.loss, config.discriminator_input = 'hinge', 'pixels'
+  with pytest.raises(UserError, match=r"^config.discriminator_input='pixels': expected embedding or one_hot$"):
+    gan_trainer.check_config(config, stage1)
 
 
 def test_train_gan_logs_and_checkpoints(tiny_chain):

@@ -366,6 +366,9 @@ def test_load_stage1_gives_the_trained_model(tiny_chain):
     ({'num_embeddings': 1}, 'config.num_embeddings=1: expected at least 2 codes'),
     ({'clip_margin': -0.1}, 'config.clip_margin=-0.1: expected a value in [0, 1]'),
     ({'ssim_weight': -1.0}, 'config.ssim_weight=-1.0: expected a number >= 0'),
+    ({'lr_schedule': 'linear'}, "config.lr_schedule='linear': expected constant or cosine"),
+    ({'upsample': 'bilinear'}, "config.upsample='bilinear': expected subpixel or transpose"),
+    ({'dtype': 'float16'}, "config.dtype='float16': expected float32 or bfloat16"),
     ({'batch_size': -4}, 'config.batch_size=-4: expected a positive multiple of the device count 2'),
     ({'batch_size': 5}, 'config.batch_size=5: expected a positive multiple of the device count 2'),
 ])

@@ -20,7 +20,7 @@ from flax.training import train_state
 
 from oasis_jax import checkpoints, images, metrics, ops, parallel, sampling, stage1, timing
 from oasis_jax.data import input_pipeline, tfds_oasis
-from oasis_jax.errors import UserError
+from oasis_jax.errors import UserError, check_choice
 from oasis_jax.models import dcgan, vqvae
 from oasis_jax.training import augment, loop
 
@@ -58,17 +58,14 @@ def check_config(config, stage1_config) -> None:
     if config.get(field, 1) <= 0:
       raise UserError(f'config.{field}={config[field]}: expected a positive number')
   ops.check_conv_impl(config.get('conv_impl', 'xla'))
-  if config.upsample not in vqvae.UPSAMPLE_KINDS:
-    raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
+  check_choice(config, 'upsample', vqvae.UPSAMPLE_KINDS)
   if config.head not in ('logits', 'latent'):
     raise UserError(f'config.head={config.head!r}: expected logits (design a) or latent (design b)')
-  if config.get('discriminator_input', 'embedding') not in ('embedding', 'one_hot'):
-    raise UserError(f'config.discriminator_input={config.discriminator_input!r}: expected embedding or one_hot')
+  check_choice(config, 'discriminator_input', ('embedding', 'one_hot'), 'embedding')
   if sees_one_hot(config) and config.head != 'logits':
     raise UserError(f'config.discriminator_input=one_hot: needs config.head=logits (head {config.head!r} makes '
                     f'codebook vectors, not one-hot codes)')
-  if config.loss not in ('nonsaturating', 'hinge'):
-    raise UserError(f'config.loss={config.loss!r}: expected nonsaturating or hinge')
+  check_choice(config, 'loss', ('nonsaturating', 'hinge'))
   if config.learning_rate <= 0:
     raise UserError(f'config.learning_rate={config.learning_rate}: expected a positive rate')
   if config.get('discriminator_learning_rate', 0.0) < 0:

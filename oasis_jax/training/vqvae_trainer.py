@@ -11,7 +11,7 @@ from flax.training import train_state
 
 from oasis_jax import checkpoints, metrics, ops, parallel, stage1, timing
 from oasis_jax.data import input_pipeline, tfds_oasis
-from oasis_jax.errors import UserError
+from oasis_jax.errors import UserError, check_choice
 from oasis_jax.models import vqvae
 from oasis_jax.training import loop
 
@@ -38,21 +38,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.image_size={config.image_size}: expected a multiple of 2**num_downsamples')
   if not 0 < config.ema_decay < 1:
     raise UserError(f'config.ema_decay={config.ema_decay}: expected a value in (0, 1)')
-  if config.lr_schedule not in ('constant', 'cosine'):
-    raise UserError(f'config.lr_schedule={config.lr_schedule!r}: expected constant or cosine')
+  check_choice(config, 'lr_schedule', ('constant', 'cosine'))
   if config.learning_rate <= 0:
     raise UserError(f'config.learning_rate={config.learning_rate}: expected a positive number')
-  if config.upsample not in vqvae.UPSAMPLE_KINDS:
-    raise UserError(f'config.upsample={config.upsample!r}: expected subpixel or transpose')
+  check_choice(config, 'upsample', vqvae.UPSAMPLE_KINDS)
   if not 0 <= config.clip_margin <= 1:
     raise UserError(f'config.clip_margin={config.clip_margin}: expected a value in [0, 1]')
   if config.get('ssim_weight', 0.0) < 0:
     raise UserError(f'config.ssim_weight={config.ssim_weight}: expected a number >= 0')
-  if config.best_metric not in ('ssim', 'psnr'):
-    raise UserError(f'config.best_metric={config.best_metric!r}: expected ssim or psnr')
+  check_choice(config, 'best_metric', ('ssim', 'psnr'))
   ops.check_conv_impl(config.conv_impl)
-  if config.dtype not in ('float32', 'bfloat16'):
-    raise UserError(f'config.dtype={config.dtype!r}: expected float32 or bfloat16')
+  check_choice(config, 'dtype', ('float32', 'bfloat16'))
   for field in ('steps_per_call',) + EVENT_INTERVALS:
     if config[field] <= 0:
       raise UserError(f'config.{field}={config[field]}: expected a positive number')

@@ -181,6 +181,42 @@ def test_lazy_r1_step_is_the_r1_step_with_gamma_times_the_interval():
   assert lazy_r1 == pytest.approx(4 * every_r1, rel=1e-5) and every_r1 > 0   # the metric is the scaled penalty
 
 
+def test_generator_ema_follows_the_warmed_up_recursion():
+  """ema_t = d_t ema_(t-1) + (1 - d_t) params_t, d_t = min(decay, (1 + t) / (10 + t)), ema_0 = the initial weights
+  (hand-computed over three steps); decay 0 keeps the live weights."""
+  assert float(gan_trainer.generator_ema_decay(0.5, 1)) == pytest.approx(2 / 11)
+  assert float(gan_trainer.generator_ema_decay(0.5, 100)) == 0.5
+  stage1 = vqvae_configs.get_config('tiny')
+  config = gan_configs.get_config('tiny')
+  config.generator_ema = 0.5
+  states = jax.tree.map(lambda x: np.asarray(x)[None],
+                        jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0))))
+  generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
+  step = jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
+                                    discriminator=discriminator),
+                  axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=jax.local_devices()[:1])
+  codebook = jax.random.normal(jax.random.key(1), (32, 8))
+  expected = jax.device_get(states[0].params)
+  for t in (1, 2, 3):
+    real = np.asarray(jax.random.randint(jax.random.key(10 + t), (1, 8, 16, 16), 0, 32))
+    states, _ = step(states, real, jax.random.key(t), codebook)
+    d = min(0.5, (1 + t) / (10 + t))
+    expected = jax.tree.map(lambda e, p: d * e + (1 - d) * p, expected, jax.device_get(states[0].params))
+  for a, b in zip(jax.tree.leaves(jax.device_get(states[0].ema_params)), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(jax.device_get(states[0].ema_params)),
+                                                jax.tree.leaves(jax.device_get(states[0].params)))]
+  assert max(moved) > 1e-4   # the average lags the live weights
+  config.generator_ema = 0.0
+  step = jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
+                                    discriminator=discriminator),
+                  axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=jax.local_devices()[:1])
+  states, _ = step(states, real, jax.random.key(4), codebook)
+  live = jax.device_get(states[0])
+  for a, b in zip(jax.tree.leaves(live.ema_params), jax.tree.leaves(live.params)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_steps_per_call_equal_single_steps():
   """A call of several steps (train_calls' pmapped train_steps, lazy R1 on the steps r1_pattern names) gives the
   states and per-step metrics of as many single-step calls, up to float rounding."""

@@ -107,6 +107,13 @@ def create_states(config, stage1_config, key):
   return jax.jit(create)(key)
 
 
+def generator_ema_decay(decay: float, updates):
+  """The EMA decay after `updates` generator updates: min(decay, (1 + updates) / (10 + updates)), the warm-up of
+  TensorFlow's ExponentialMovingAverage(num_updates), so that the average forgets the initial weights within the
+  first few hundred steps instead of keeping decay^t of them (0.999^1000 = 37 %). 0 keeps the live weights."""
+  return jnp.minimum(decay, (1.0 + updates) / (10.0 + updates))
+
+
 def discriminator_learning_rate(config) -> float:
   """The discriminator's Adam rate: config.discriminator_learning_rate, or where that is 0 (or absent, in runs
   saved before the field) the generator's config.learning_rate."""
@@ -208,8 +215,8 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
   g_loss, fake_grad = jax.value_and_grad(fake_loss)(fake)
   g_grads, = g_vjp((fake_grad, jnp.ones_like(penalty)))
   g_state = g_state.apply_gradients(grads=jax.lax.pmean(g_grads, parallel.AXIS)).replace(batch_stats=batch_stats)
-  g_state = g_state.replace(ema_params=optax.incremental_update(g_state.params, g_state.ema_params,
-                                                                1.0 - config.generator_ema))
+  decay = generator_ema_decay(config.generator_ema, g_state.step)
+  g_state = g_state.replace(ema_params=optax.incremental_update(g_state.params, g_state.ema_params, 1.0 - decay))
   fake_counts = jax.lax.psum(jnp.bincount(codes.reshape(-1), length=k), parallel.AXIS)
   real_counts = jax.lax.psum(jnp.bincount(real_codes.reshape(-1), length=k), parallel.AXIS)
   step_metrics = jax.lax.pmean({'d_loss': d_loss, 'g_loss': g_loss, 'd_real': d_real, 'd_fake': d_fake, 'r1': r1},

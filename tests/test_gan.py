@@ -192,9 +192,10 @@ def test_generator_ema_follows_the_warmed_up_recursion():
   states = jax.tree.map(lambda x: np.asarray(x)[None],
                         jax.device_get(gan_trainer.create_states(config, stage1, jax.random.key(0))))
   generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
-  step = jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
-                                    discriminator=discriminator),
-                  axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=jax.local_devices()[:1])
+  make_step = lambda config: jax.pmap(
+      functools.partial(gan_trainer.train_step, config=config, generator=generator, discriminator=discriminator),
+      axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=jax.local_devices()[:1])
+  step = make_step(config)
   codebook = jax.random.normal(jax.random.key(1), (32, 8))
   expected = jax.device_get(states[0].params)
   for t in (1, 2, 3):
@@ -208,10 +209,7 @@ def test_generator_ema_follows_the_warmed_up_recursion():
                                                 jax.tree.leaves(jax.device_get(states[0].params)))]
   assert max(moved) > 1e-4   # the average lags the live weights
   config.generator_ema = 0.0
-  step = jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
-                                    discriminator=discriminator),
-                  axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=jax.local_devices()[:1])
-  states, _ = step(states, real, jax.random.key(4), codebook)
+  states, _ = make_step(config)(states, real, jax.random.key(4), codebook)
   live = jax.device_get(states[0])
   for a, b in zip(jax.tree.leaves(live.ema_params), jax.tree.leaves(live.params)):
     np.testing.assert_array_equal(a, b)

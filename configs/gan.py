@@ -34,6 +34,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.r1_gamma = 1.0          # R1 gradient penalty on real code maps
   config.r1_every = 16           # lazy R1 (StyleGAN2): the penalty x r1_every on every r1_every-th step only
   config.minibatch_std_group = 4 # minibatch standard-deviation feature in the discriminator (group size)
+  config.spectral_norm = False   # spectral normalisation of the discriminator's weights (Miyato et al. 2018)
   config.generator_ema = 0.0     # EMA decay of the generator weights that samples are drawn from (with a warm-up)
   # DiffAugment (Zhao et al. 2020) of what the discriminator sees, real and generated alike: '' (none) or a
   # comma-separated subset of 'translation' (by up to augment_translation x the map's side) and 'cutout'.

@@ -16,7 +16,7 @@ from configs import vqvae as vqvae_configs
 from oasis_jax import checkpoints, parallel, sampling, stage1
 from oasis_jax.data import input_pipeline, tfds_oasis
 from oasis_jax.errors import UserError
-from oasis_jax.models import dcgan, vqvae
+from oasis_jax.models import dcgan, spectral_norm, vqvae
 from oasis_jax.training import augment, gan_trainer
 
 
@@ -70,6 +70,52 @@ def test_minibatch_std_matches_hand_computation():
   for group in range(2):
     expected = np.sqrt(x[2 * group:2 * group + 2].var(axis=0) + 1e-8).mean()
     np.testing.assert_allclose(out[2 * group:2 * group + 2, ..., 3], expected, rtol=1e-5)
+
+
+def test_spectral_norm_matches_numpy():
+  """One power iteration against NumPy's; iterated, sigma converges to the largest singular value of a kernel with
+  a hand-made spectrum (3, 2, 1, ...), and the normalised kernel's is 1; a dense [in, 1] kernel's sigma is its norm
+  after one iteration; biases are untouched."""
+  rng = np.random.default_rng(0)
+  left, _ = np.linalg.qr(rng.normal(size=(4 * 4 * 6, 8)))
+  right, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+  singular = np.asarray([3.0, 2.0, 1.0, 0.5, 0.5, 0.25, 0.1, 0.1])
+  kernel = ((left * singular) @ right.T).reshape(4, 4, 6, 8).astype(np.float32)
+  dense = rng.normal(size=(5, 1)).astype(np.float32)
+  params = {'Conv_0': {'kernel': kernel, 'bias': np.ones(8, np.float32)}, 'Dense_0': {'kernel': dense,
+                                                                                        'bias': np.ones(1, np.float32)}}
+  vectors = spectral_norm.init_vectors(params, jax.random.key(0))
+  assert sorted(vectors) == ['Conv_0/kernel', 'Dense_0/kernel'] and vectors['Conv_0/kernel'].shape == (8,)
+  matrix, u = kernel.reshape(-1, 8).astype(np.float64), np.asarray(vectors['Conv_0/kernel'], np.float64)
+  v = matrix @ u / np.linalg.norm(matrix @ u)
+  u_next = matrix.T @ v / np.linalg.norm(matrix.T @ v)
+  estimates = spectral_norm.power_iteration(params, vectors)
+  np.testing.assert_allclose(estimates['Conv_0/kernel'][0], u_next, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(estimates['Conv_0/kernel'][1], v, rtol=1e-5, atol=1e-6)
+  assert float(spectral_norm.sigmas(params, estimates)['Dense_0/kernel']) == pytest.approx(np.linalg.norm(dense),
+                                                                                         rel=1e-5)
+  for _ in range(30):   # the error shrinks as (2 / 3)^2 per iteration
+    estimates = spectral_norm.power_iteration(params, {path: u for path, (u, _) in estimates.items()})
+  assert float(spectral_norm.sigmas(params, estimates)['Conv_0/kernel']) == pytest.approx(3.0, rel=1e-4)
+  normalised = spectral_norm.normalize(params, estimates)
+  assert np.linalg.svd(np.asarray(normalised['Conv_0']['kernel']).reshape(-1, 8), compute_uv=False)[0] == \
+      pytest.approx(1.0, rel=1e-4)
+  np.testing.assert_array_equal(normalised['Conv_0']['bias'], params['Conv_0']['bias'])
+
+
+def test_spectral_norm_gradient_holds_the_vectors_constant():
+  """d(W / (v^T W u)) with u, v constants (Miyato et al.'s Algorithm 1), against the hand-derived gradient of
+  sum(c * W / sigma): c / sigma - (sum(c * W) / sigma^2) v u^T."""
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(6, 3)).astype(np.float32)
+  c = rng.normal(size=(6, 3)).astype(np.float32)
+  params = {'Dense_0': {'kernel': w}}
+  estimates = spectral_norm.power_iteration(params, spectral_norm.init_vectors(params, jax.random.key(1)))
+  u, v = (np.asarray(x, np.float64) for x in estimates['Dense_0/kernel'])
+  grad = jax.grad(lambda p: jnp.sum(c * spectral_norm.normalize(p, estimates)['Dense_0']['kernel']))(params)
+  sigma = v @ w @ u
+  expected = c / sigma - np.sum(c * w) / sigma ** 2 * np.outer(v, u)
+  np.testing.assert_allclose(grad['Dense_0']['kernel'], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_translation_and_cutout_match_hand_computed_maps():
@@ -130,6 +176,7 @@ def _with_sgd(states):
     {'head': 'latent', 'discriminator_input': 'embedding', 'loss': 'hinge', 'minibatch_std_group': 2, 'r1_gamma': 1.0,
      'generator_ema': 0.9, 'augment': 'translation,cutout', 'augment_translation': 0.25},
     {'discriminator_input': 'one_hot', 'augment': 'translation', 'r1_gamma': 1.0},
+    {'spectral_norm': True, 'r1_gamma': 1.0},
 ])
 def test_two_device_gan_step_equals_one_device_step(overrides):
   stage1 = vqvae_configs.get_config('tiny')
@@ -263,13 +310,16 @@ def _one_step(config, stage1):
   return states, after, codebook, real, z, gumbel_key
 
 
-@pytest.mark.parametrize('discriminator_input', ['embedding', 'one_hot'])
-def test_discriminator_update_is_the_gradient_on_real_and_generated_codes(discriminator_input):
+@pytest.mark.parametrize('discriminator_input, spectral', [('embedding', False), ('one_hot', False),
+                                                             ('embedding', True)])
+def test_discriminator_update_is_the_gradient_on_real_and_generated_codes(discriminator_input, spectral):
   """The step's discriminator gradient equals one computed here: real code maps as one-hot rows of the identity
-  (NumPy) or as codebook rows, generated ones through a fresh generator pass with the step's noise."""
+  (NumPy) or as codebook rows, generated ones through a fresh generator pass with the step's noise; with spectral
+  normalisation, through the weights divided by their sigma after one power iteration, whose vectors the step
+  keeps."""
   stage1 = vqvae_configs.get_config('tiny')
   config = gan_configs.get_config('tiny')
-  config.discriminator_input, config.r1_gamma = discriminator_input, 0.0
+  config.discriminator_input, config.r1_gamma, config.spectral_norm = discriminator_input, 0.0, spectral
   states, (_, d_after), codebook, real, z, gumbel_key = _one_step(config, stage1)
   g_model, d_model = sampling.make_models(config, stage1)
   outputs = g_model.apply({'params': states[0].params, 'batch_stats': states[0].batch_stats}, z, train=True,
@@ -278,8 +328,14 @@ def test_discriminator_update_is_the_gradient_on_real_and_generated_codes(discri
   seen = (lambda c: np.eye(32, dtype=np.float32)[c]) if discriminator_input == 'one_hot' else (lambda c: codebook[c])
   assert seen(real[0]).shape[-1] == (32 if discriminator_input == 'one_hot' else 8)
 
+  assert hasattr(states[1], 'spectral') == spectral   # without it, the state saved before the option
+  estimates = spectral_norm.power_iteration(states[1].params, states[1].spectral) if spectral else {}
+  for path, (u, _) in estimates.items():
+    np.testing.assert_allclose(d_after.spectral[path][0], u, rtol=1e-5, atol=1e-6)
+
   def loss(d_params):
-    apply = lambda x: d_model.apply({'params': d_params}, x)
+    weights = spectral_norm.normalize(d_params, estimates) if spectral else d_params
+    apply = lambda x: d_model.apply({'params': weights}, x)
     return gan_trainer.discriminator_loss(apply(seen(real[0])), apply(seen(codes)), config.loss)
   expected = jax.grad(loss)(states[1].params)
   step_gradient = jax.tree.map(lambda before, after: before - after[0], states[1].params, d_after.params)
@@ -288,17 +344,24 @@ def test_discriminator_update_is_the_gradient_on_real_and_generated_codes(discri
   assert max(np.abs(leaf).max() for leaf in jax.tree.leaves(expected)) > 1e-3
 
 
-@pytest.mark.parametrize('head, discriminator_input', [('logits', 'embedding'), ('latent', 'embedding'),
-                                                       ('logits', 'one_hot')])
-def test_one_generator_pass_gives_the_generator_gradient_under_the_updated_discriminator(head, discriminator_input):
+@pytest.mark.parametrize('head, discriminator_input, spectral', [
+    ('logits', 'embedding', False), ('latent', 'embedding', False), ('logits', 'one_hot', False),
+    ('logits', 'embedding', True)])
+def test_one_generator_pass_gives_the_generator_gradient_under_the_updated_discriminator(head, discriminator_input,
+                                                                                          spectral):
   """The step's generator gradient equals a directly computed one: G's loss (plus the latent head's commitment)
   through a fresh forward pass with the step's noise, scored by the discriminator after its update. Plain SGD with
-  rate 1 makes the parameter change the gradient itself (Adam's first update would be only its sign)."""
+  rate 1 makes the parameter change the gradient itself (Adam's first update would be only its sign). With
+  spectral normalisation the updated discriminator's weights are divided by their sigma from the step's power
+  iteration (on the weights before the update)."""
   stage1 = vqvae_configs.get_config('tiny')
   config = gan_configs.get_config('tiny')
   config.head, config.r1_gamma, config.discriminator_input = head, 1.0, discriminator_input
+  config.spectral_norm = spectral
   states, (g_after, d_after), codebook, real, z, gumbel_key = _one_step(config, stage1)
   d_params = jax.tree.map(lambda x: x[0], d_after.params)
+  if spectral:
+    d_params = spectral_norm.normalize(d_params, spectral_norm.power_iteration(states[1].params, states[1].spectral))
   rows = jnp.arange(8)
   g_model, d_model = sampling.make_models(config, stage1)
 

@@ -21,12 +21,12 @@ from flax.training import train_state
 from oasis_jax import checkpoints, images, metrics, ops, parallel, sampling, stage1, timing
 from oasis_jax.data import input_pipeline, tfds_oasis
 from oasis_jax.errors import UserError, check_choice
-from oasis_jax.models import dcgan, vqvae
+from oasis_jax.models import dcgan, spectral_norm, vqvae
 from oasis_jax.training import augment, loop
 
 # Fields that define the models: a resumed run must have the same ones.
 MODEL_FIELDS = ('head', 'latent_dim', 'generator_width', 'discriminator_width', 'upsample', 'minibatch_std_group',
-                'discriminator_input')
+                'discriminator_input', 'spectral_norm')
 # What a resumed run must share with the run in its workdir.
 MUST_MATCH = MODEL_FIELDS + ('vqvae_workdir', 'stage1_model', 'batch_size', 'seed')
 
@@ -34,6 +34,11 @@ MUST_MATCH = MODEL_FIELDS + ('vqvae_workdir', 'stage1_model', 'batch_size', 'see
 class GeneratorState(train_state.TrainState):
   batch_stats: Any
   ema_params: Any   # exponential moving average of params (config.generator_ema; = params when it is 0): sampled
+
+
+class SpectralDiscriminatorState(train_state.TrainState):
+  """The discriminator's state with config.spectral_norm (without it, a plain TrainState, as runs saved before)."""
+  spectral: Any     # each weight's power-iteration vector u (spectral_norm.py)
 
 
 def resolve_data(config, stage1_config) -> ml_collections.ConfigDict:
@@ -100,10 +105,14 @@ def create_states(config, stage1_config, key):
     g_key, d_key = jax.random.split(key)
     g_vars = generator.init(g_key, jnp.zeros((2, config.latent_dim)), train=False)
     d_vars = discriminator.init(d_key, jnp.zeros((2, size, size, d)))
+    d_state = dict(apply_fn=None, params=d_vars['params'], tx=tx(discriminator_learning_rate(config)))
+    if config.get('spectral_norm', False):
+      d_state = SpectralDiscriminatorState.create(
+          spectral=spectral_norm.init_vectors(d_vars['params'], jax.random.fold_in(d_key, 1)), **d_state)
+    else:
+      d_state = train_state.TrainState.create(**d_state)
     return (GeneratorState.create(apply_fn=None, params=g_vars['params'], batch_stats=g_vars['batch_stats'],
-                                  ema_params=g_vars['params'], tx=tx(config.learning_rate)),
-            train_state.TrainState.create(apply_fn=None, params=d_vars['params'],
-                                          tx=tx(discriminator_learning_rate(config))))
+                                  ema_params=g_vars['params'], tx=tx(config.learning_rate)), d_state)
   return jax.jit(create)(key)
 
 
@@ -195,8 +204,14 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
   else:
     real = seen(jnp.take(codebook, real_codes, axis=0), 1)   # = one_hot(real codes) @ codebook
 
+  # Spectral normalisation: one power iteration per step; D's weights enter every apply below divided by their
+  # estimated largest singular value (the gradient flows through the division), before and after D's update.
+  spectral = isinstance(d_state, SpectralDiscriminatorState)
+  estimates = spectral_norm.power_iteration(d_state.params, d_state.spectral) if spectral else {}
+  weights = lambda d_params: spectral_norm.normalize(d_params, estimates) if spectral else d_params
+
   def d_loss_fn(d_params):
-    apply = lambda x: discriminator.apply({'params': d_params}, x)
+    apply = lambda x: discriminator.apply({'params': weights(d_params)}, x)
     real_logits, fake_logits = apply(real), apply(seen(fake, 0))
     loss = discriminator_loss(real_logits, fake_logits, config.loss)
     r1 = 0.0
@@ -210,8 +225,11 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
 
   (_, (d_loss, r1, d_real, d_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_state.params)
   d_state = d_state.apply_gradients(grads=jax.lax.pmean(d_grads, parallel.AXIS))
+  if spectral:   # the same on every device: the replicas' weights and vectors are equal
+    d_state = d_state.replace(spectral={path: u for path, (u, _) in estimates.items()})
 
-  fake_loss = lambda fake_: generator_loss(discriminator.apply({'params': d_state.params}, seen(fake_, 2)), config.loss)
+  fake_loss = lambda fake_: generator_loss(discriminator.apply({'params': weights(d_state.params)}, seen(fake_, 2)),
+                                           config.loss)
   g_loss, fake_grad = jax.value_and_grad(fake_loss)(fake)
   g_grads, = g_vjp((fake_grad, jnp.ones_like(penalty)))
   g_state = g_state.apply_gradients(grads=jax.lax.pmean(g_grads, parallel.AXIS)).replace(batch_stats=batch_stats)

@@ -418,6 +418,9 @@ def test_gan_config_errors_name_the_field():
   config.loss, config.discriminator_input = 'hinge', 'pixels'
   with pytest.raises(UserError, match=r"^config.discriminator_input='pixels': expected embedding or one_hot$"):
     gan_trainer.check_config(config, stage1)
+  config.discriminator_input, config.conv_impl = 'embedding', 'fft'
+  with pytest.raises(UserError, match=r"^config.conv_impl='fft': expected one of xla, im2col, winograd, taps, auto$"):
+    gan_trainer.check_config(config, stage1)
 
 
 def test_train_gan_logs_and_checkpoints(tiny_chain):

@@ -5,15 +5,9 @@ kernels) and a vectorised exact arg-min. Same parameters and results as the plai
 (`flax.linen.Conv`, `jnp.argmin`) without importing the native-kernel builder."""
 import functools
 
-from oasis_jax.errors import UserError
+from oasis_jax.errors import check_choice
 
 CONV_IMPLS = ('xla', 'im2col', 'winograd', 'taps', 'auto')
-
-
-def check_conv_impl(impl: str) -> None:
-  """One-line error for an unknown config.conv_impl (both stages' configs have the field)."""
-  if impl not in CONV_IMPLS:
-    raise UserError(f'config.conv_impl={impl!r}: expected one of {", ".join(CONV_IMPLS)}')
 
 
 def layers(conv_impl: str = 'xla') -> dict:
@@ -28,5 +22,5 @@ def layers(conv_impl: str = 'xla') -> dict:
     from oasis_jax.models.vqvae import argmin_last
     return {'conv': nn.Conv, 'argmin': argmin_last}
   from oasis_jax.ops import convolution, reductions
-  check_conv_impl(conv_impl)
+  check_choice({'conv_impl': conv_impl}, 'conv_impl', CONV_IMPLS)
   return {'conv': functools.partial(convolution.Conv, impl=conv_impl), 'argmin': reductions.argmin}

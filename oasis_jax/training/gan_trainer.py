@@ -62,7 +62,7 @@ def check_config(config, stage1_config) -> None:
                 'steps_per_call'):
     if config.get(field, 1) <= 0:
       raise UserError(f'config.{field}={config[field]}: expected a positive number')
-  ops.check_conv_impl(config.get('conv_impl', 'xla'))
+  check_choice(config, 'conv_impl', ops.CONV_IMPLS, 'xla')   # runs saved before the field used XLA's
   check_choice(config, 'upsample', vqvae.UPSAMPLE_KINDS)
   if config.head not in ('logits', 'latent'):
     raise UserError(f'config.head={config.head!r}: expected logits (design a) or latent (design b)')

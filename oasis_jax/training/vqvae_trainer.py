@@ -47,7 +47,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.get('ssim_weight', 0.0) < 0:
     raise UserError(f'config.ssim_weight={config.ssim_weight}: expected a number >= 0')
   check_choice(config, 'best_metric', ('ssim', 'psnr'))
-  ops.check_conv_impl(config.conv_impl)
+  check_choice(config, 'conv_impl', ops.CONV_IMPLS)
   check_choice(config, 'dtype', ('float32', 'bfloat16'))
   for field in ('steps_per_call',) + EVENT_INTERVALS:
     if config[field] <= 0:

@@ -25,7 +25,8 @@ def init_vectors(params, key) -> dict:
   """One random unit vector u [out] per weight of params."""
   weights = _weights(params)
   keys = jax.random.split(key, max(len(weights), 1))
-  return {path: _normalize(jax.random.normal(k, (w.shape[-1],), w.dtype)) for k, (path, w) in zip(keys, weights.items())}
+  return {path: _normalize(jax.random.normal(k, (w.shape[-1],), w.dtype))
+          for k, (path, w) in zip(keys, weights.items())}
 
 
 def power_iteration(params, vectors: dict) -> dict:

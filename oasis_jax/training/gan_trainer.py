@@ -2,10 +2,11 @@
 
 The real code maps are made once at start: stage 1's encoder + codebook over every training slice. A pmapped call
 runs config.steps_per_call steps; each runs the generator forward once, updates the discriminator on that batch
-(with the R1 penalty on every r1_every-th step), then the generator (non-saturating or hinge loss) through the same
-forward pass, with gradients and batch-norm statistics averaged over devices. Every `sample_every_steps` the
-generator's samples are rendered and scored against validation slices (sliced Wasserstein distance, MS-SSIM
-diversity); WORKDIR/best/ keeps the checkpoint with the lowest SWD, which sample.py and evaluate use.
+(with the R1 penalty on every r1_every-th step; with config.spectral_norm, through its weights divided by their
+spectral norms), then the generator (non-saturating or hinge loss) through the same forward pass, with gradients and
+batch-norm statistics averaged over devices. Every `sample_every_steps` the generator's samples are rendered and
+scored against validation slices (sliced Wasserstein distance, MS-SSIM diversity); WORKDIR/best/ keeps the
+checkpoint with the lowest SWD, which sample.py and evaluate use.
 """
 import functools
 import os

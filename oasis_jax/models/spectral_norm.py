@@ -40,16 +40,15 @@ def power_iteration(params, vectors: dict) -> dict:
   return estimates
 
 
-def normalize(params, estimates: dict):
-  """params with each weight W divided by sigma = v^T W u (u, v from power_iteration, held constant)."""
-  flat = traverse_util.flatten_dict(params, sep='/')
-  for path, (u, v) in estimates.items():
-    w = flat[path]
-    flat[path] = w / (v @ w.reshape(-1, w.shape[-1]) @ u)
-  return traverse_util.unflatten_dict(flat, sep='/')
-
-
 def sigmas(params, estimates: dict) -> dict:
-  """path -> the estimated largest singular value of each weight."""
+  """path -> the estimated largest singular value of each weight, v^T W u (u, v from power_iteration)."""
   weights = _weights(params)
   return {path: v @ weights[path].reshape(-1, weights[path].shape[-1]) @ u for path, (u, v) in estimates.items()}
+
+
+def normalize(params, estimates: dict):
+  """params with each weight W divided by its sigma (the gradient flows through W only: u, v are constants)."""
+  flat = traverse_util.flatten_dict(params, sep='/')
+  for path, sigma in sigmas(params, estimates).items():
+    flat[path] = flat[path] / sigma
+  return traverse_util.unflatten_dict(flat, sep='/')

@@ -60,7 +60,16 @@ def gumbel_noise(key, rows, shape, dtype=jnp.float32):
   return (-jnp.log(-jnp.log(uniform))).astype(dtype)
 
 
-def make_sampler(generator, stage1_model, head: str):
+def scaled_gumbel_noise(key, rows, shape, scale: float, dtype=jnp.float32):
+  """scale x gumbel_noise(key, rows, shape): 1 makes argmax(logits + noise) a draw from softmax(logits), 0 (no
+  noise drawn) makes it argmax(logits), the code map a function of z alone."""
+  if scale == 0:
+    return jnp.zeros((rows.shape[0], *shape), dtype)
+  noise = gumbel_noise(key, rows, shape, dtype)
+  return noise if scale == 1 else noise * jnp.asarray(scale, dtype)
+
+
+def make_sampler(generator, stage1_model, head: str, gumbel_scale: float = 1.0):
   """(g_variables, stage1_variables, z [N, latent], rows [N], key) -> (images [N, S, S, 1] in [0, 1], codes [N, s, s]).
 
   Sample i is a function of (z_i, key, rows_i) only, so batching does not change it. The generator runs with its
@@ -68,7 +77,7 @@ def make_sampler(generator, stage1_model, head: str):
 
   def sample(g_variables, stage1_variables, z, rows, key):
     outputs = generator.apply(g_variables, z, train=False)
-    gumbel = gumbel_noise(key, rows, outputs.shape[1:], outputs.dtype)
+    gumbel = scaled_gumbel_noise(key, rows, outputs.shape[1:], gumbel_scale, outputs.dtype)
     codes = dcgan.sample_codes(outputs, stage1_variables[vqvae.VQ]['codebook'], head, gumbel)
     decoded = stage1_model.apply(stage1_variables, codes, method=vqvae.VQVAE.decode_codes)
     return jnp.clip(decoded, 0, 1), codes
@@ -141,7 +150,7 @@ def load(workdir: str, vqvae_workdir: str = '') -> Loaded:
   generator_state = state['0'] if '0' in state else state[0]
   g_variables = {'params': generator_state['ema_params'], 'batch_stats': generator_state['batch_stats']}
   generator, _ = make_models(config, stage1_config)
-  return Loaded(make_sampler(generator, stage1_model, config.head), g_variables, stage1_model, stage1_variables,
+  return Loaded(make_sampler(generator, stage1_model, config.head, config.get('gumbel_scale', 1.0)), g_variables, stage1_model, stage1_variables,
                 stage1_config, config)
 
 

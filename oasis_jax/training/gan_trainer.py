@@ -79,6 +79,9 @@ def check_config(config, stage1_config) -> None:
                     f'rate, or 0 for config.learning_rate')
   if config.gumbel_temperature <= 0:
     raise UserError(f'config.gumbel_temperature={config.gumbel_temperature}: expected a positive number')
+  if config.get('gumbel_scale', 1.0) < 0:
+    raise UserError(f'config.gumbel_scale={config.gumbel_scale}: expected a number >= 0 (1 draws codes from '
+                    f'softmax(logits), 0 takes their argmax)')
   if config.r1_gamma < 0 or config.minibatch_std_group < 0:
     raise UserError('config.r1_gamma and config.minibatch_std_group: expected numbers >= 0')
   if config.get('r1_every', 1) < 1:
@@ -193,7 +196,8 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
     z = sampling.per_row_noise(z_key, rows, lambda k_: jax.random.normal(k_, (config.latent_dim,)))
     outputs, updates = generator.apply({'params': g_params, 'batch_stats': g_state.batch_stats}, z, train=True,
                                        mutable=['batch_stats'])
-    gumbel = sampling.gumbel_noise(gumbel_key, rows, outputs.shape[1:], outputs.dtype)
+    gumbel = sampling.scaled_gumbel_noise(gumbel_key, rows, outputs.shape[1:], config.get('gumbel_scale', 1.0),
+                                          outputs.dtype)
     fake, codes, penalty = generated_codes(outputs, codebook, config, gumbel)
     return (fake, jnp.asarray(penalty, fake.dtype)), (codes, updates['batch_stats'])
 

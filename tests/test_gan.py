@@ -39,6 +39,15 @@ def test_gumbel_noise_has_the_gumbel_distribution_and_one_stream_per_row():
   assert not np.array_equal(sampling.gumbel_noise(jax.random.key(2), rows[:1], (32, 32, 64)), noise[:1])
 
 
+def test_scaled_gumbel_noise_is_the_noise_times_its_scale_and_none_at_zero():
+  rows, shape = jnp.arange(3, 7), (8, 8, 16)
+  noise = np.asarray(sampling.gumbel_noise(jax.random.key(0), rows, shape))
+  np.testing.assert_array_equal(sampling.scaled_gumbel_noise(jax.random.key(0), rows, shape, 1.0), noise)
+  np.testing.assert_allclose(sampling.scaled_gumbel_noise(jax.random.key(0), rows, shape, 0.5), noise / 2, rtol=1e-7)
+  np.testing.assert_array_equal(sampling.scaled_gumbel_noise(jax.random.key(0), rows, shape, 0.0),
+                                np.zeros((4, *shape)))
+
+
 def test_gumbel_straight_through_is_one_hot_forward_and_softmax_backward():
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 5)), jnp.float32)
   noise = jax.random.gumbel(jax.random.key(1), logits.shape)
@@ -177,6 +186,7 @@ def _with_sgd(states):
      'generator_ema': 0.9, 'augment': 'translation,cutout', 'augment_translation': 0.25},
     {'discriminator_input': 'one_hot', 'augment': 'translation', 'r1_gamma': 1.0},
     {'spectral_norm': True, 'r1_gamma': 1.0},
+    {'gumbel_scale': 0.0, 'r1_gamma': 1.0},
 ])
 def test_two_device_gan_step_equals_one_device_step(overrides):
   stage1 = vqvae_configs.get_config('tiny')
@@ -310,21 +320,25 @@ def _one_step(config, stage1):
   return states, after, codebook, real, z, gumbel_key
 
 
-@pytest.mark.parametrize('discriminator_input, spectral', [('embedding', False), ('one_hot', False),
-                                                             ('embedding', True)])
-def test_discriminator_update_is_the_gradient_on_real_and_generated_codes(discriminator_input, spectral):
+@pytest.mark.parametrize('discriminator_input, spectral, gumbel_scale', [
+    ('embedding', False, 1.0), ('one_hot', False, 1.0), ('embedding', True, 1.0), ('embedding', False, 0.0),
+    ('embedding', False, 0.5)])
+def test_discriminator_update_is_the_gradient_on_real_and_generated_codes(discriminator_input, spectral,
+                                                                          gumbel_scale):
   """The step's discriminator gradient equals one computed here: real code maps as one-hot rows of the identity
   (NumPy) or as codebook rows, generated ones through a fresh generator pass with the step's noise; with spectral
   normalisation, through the weights divided by their sigma after one power iteration, whose vectors the step
-  keeps."""
+  keeps. gumbel_scale 0: the generated codes are argmax(logits)."""
   stage1 = vqvae_configs.get_config('tiny')
   config = gan_configs.get_config('tiny')
   config.discriminator_input, config.r1_gamma, config.spectral_norm = discriminator_input, 0.0, spectral
+  config.gumbel_scale = gumbel_scale
   states, (_, d_after), codebook, real, z, gumbel_key = _one_step(config, stage1)
   g_model, d_model = sampling.make_models(config, stage1)
   outputs = g_model.apply({'params': states[0].params, 'batch_stats': states[0].batch_stats}, z, train=True,
                           mutable=['batch_stats'])[0]
-  codes = np.asarray(jnp.argmax(outputs + sampling.gumbel_noise(gumbel_key, jnp.arange(8), outputs.shape[1:]), axis=-1))
+  noise = sampling.gumbel_noise(gumbel_key, jnp.arange(8), outputs.shape[1:])
+  codes = np.asarray(jnp.argmax(outputs + gumbel_scale * noise if gumbel_scale else outputs, axis=-1))
   seen = (lambda c: np.eye(32, dtype=np.float32)[c]) if discriminator_input == 'one_hot' else (lambda c: codebook[c])
   assert seen(real[0]).shape[-1] == (32 if discriminator_input == 'one_hot' else 8)
 
@@ -344,20 +358,21 @@ def test_discriminator_update_is_the_gradient_on_real_and_generated_codes(discri
   assert max(np.abs(leaf).max() for leaf in jax.tree.leaves(expected)) > 1e-3
 
 
-@pytest.mark.parametrize('head, discriminator_input, spectral', [
-    ('logits', 'embedding', False), ('latent', 'embedding', False), ('logits', 'one_hot', False),
-    ('logits', 'embedding', True)])
+@pytest.mark.parametrize('head, discriminator_input, spectral, gumbel_scale', [
+    ('logits', 'embedding', False, 1.0), ('latent', 'embedding', False, 1.0), ('logits', 'one_hot', False, 1.0),
+    ('logits', 'embedding', True, 1.0), ('logits', 'embedding', False, 0.0)])
 def test_one_generator_pass_gives_the_generator_gradient_under_the_updated_discriminator(head, discriminator_input,
-                                                                                          spectral):
+                                                                                          spectral, gumbel_scale):
   """The step's generator gradient equals a directly computed one: G's loss (plus the latent head's commitment)
   through a fresh forward pass with the step's noise, scored by the discriminator after its update. Plain SGD with
   rate 1 makes the parameter change the gradient itself (Adam's first update would be only its sign). With
   spectral normalisation the updated discriminator's weights are divided by their sigma from the step's power
-  iteration (on the weights before the update)."""
+  iteration (on the weights before the update). gumbel_scale 0: straight-through argmax, softmax(logits / tau)
+  backward."""
   stage1 = vqvae_configs.get_config('tiny')
   config = gan_configs.get_config('tiny')
   config.head, config.r1_gamma, config.discriminator_input = head, 1.0, discriminator_input
-  config.spectral_norm = spectral
+  config.spectral_norm, config.gumbel_scale = spectral, gumbel_scale
   states, (g_after, d_after), codebook, real, z, gumbel_key = _one_step(config, stage1)
   d_params = jax.tree.map(lambda x: x[0], d_after.params)
   if spectral:
@@ -368,7 +383,7 @@ def test_one_generator_pass_gives_the_generator_gradient_under_the_updated_discr
   def loss(g_params):
     outputs = g_model.apply({'params': g_params, 'batch_stats': states[0].batch_stats}, z, train=True,
                             mutable=['batch_stats'])[0]
-    gumbel = sampling.gumbel_noise(gumbel_key, rows, outputs.shape[1:])
+    gumbel = gumbel_scale * sampling.gumbel_noise(gumbel_key, rows, outputs.shape[1:])
     fake, _, penalty = gan_trainer.generated_codes(outputs, codebook, config, gumbel)
     return gan_trainer.generator_loss(d_model.apply({'params': d_params}, fake), config.loss) + penalty
   expected = jax.grad(loss)(states[0].params)
@@ -418,7 +433,11 @@ def test_gan_config_errors_name_the_field():
   config.loss, config.discriminator_input = 'hinge', 'pixels'
   with pytest.raises(UserError, match=r"^config.discriminator_input='pixels': expected embedding or one_hot$"):
     gan_trainer.check_config(config, stage1)
-  config.discriminator_input, config.conv_impl = 'embedding', 'fft'
+  config.discriminator_input, config.gumbel_scale = 'embedding', -1.0
+  with pytest.raises(UserError, match=r'^config.gumbel_scale=-1.0: expected a number >= 0 \(1 draws codes from '
+                                      r'softmax\(logits\), 0 takes their argmax\)$'):
+    gan_trainer.check_config(config, stage1)
+  config.gumbel_scale, config.conv_impl = 1.0, 'fft'
   with pytest.raises(UserError, match=r"^config.conv_impl='fft': expected one of xla, im2col, winograd, taps, auto$"):
     gan_trainer.check_config(config, stage1)
 

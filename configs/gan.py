@@ -23,9 +23,11 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   #   'latent': a D-dim latent per position, nearest codebook vector, straight-through (design b).
   config.head = 'logits'
   config.gumbel_temperature = 1.0
-  # The Gumbel noise's scale in training and sampling: 1 draws each position's code from softmax(logits), 0 takes
-  # argmax(logits), so that a code map is a function of z alone (straight-through argmax).
+  # The Gumbel noise's scale in training: 1 draws each position's code from softmax(logits), 0 takes argmax(logits),
+  # so that a code map is a function of z alone (straight-through argmax). sample_gumbel_scale: the same when
+  # drawing samples (sample.py, evaluate and the validation samples); below 1 sharpens the draw.
   config.gumbel_scale = 1.0
+  config.sample_gumbel_scale = 1.0
   # What the discriminator sees of a code map: 'embedding' (one-hot codes @ the frozen stage-1 codebook, [s, s, D])
   # or 'one_hot' (the codes themselves, [s, s, K]: every two equally far apart; head 'logits' only; README, "Stage 2
   # design", compares them).

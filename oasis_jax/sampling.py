@@ -69,6 +69,11 @@ def scaled_gumbel_noise(key, rows, shape, scale: float, dtype=jnp.float32):
   return noise if scale == 1 else noise * jnp.asarray(scale, dtype)
 
 
+def sample_gumbel_scale(config) -> float:
+  """The Gumbel noise's scale when drawing samples (config.sample_gumbel_scale; 1 in runs saved before it)."""
+  return config.get('sample_gumbel_scale', 1.0)
+
+
 def make_sampler(generator, stage1_model, head: str, gumbel_scale: float = 1.0):
   """(g_variables, stage1_variables, z [N, latent], rows [N], key) -> (images [N, S, S, 1] in [0, 1], codes [N, s, s]).
 
@@ -150,8 +155,8 @@ def load(workdir: str, vqvae_workdir: str = '') -> Loaded:
   generator_state = state['0'] if '0' in state else state[0]
   g_variables = {'params': generator_state['ema_params'], 'batch_stats': generator_state['batch_stats']}
   generator, _ = make_models(config, stage1_config)
-  return Loaded(make_sampler(generator, stage1_model, config.head, config.get('gumbel_scale', 1.0)), g_variables, stage1_model, stage1_variables,
-                stage1_config, config)
+  return Loaded(make_sampler(generator, stage1_model, config.head, sample_gumbel_scale(config)), g_variables,
+                stage1_model, stage1_variables, stage1_config, config)
 
 
 GRID_SAMPLES = 64                 # grid.png shows the first 64 samples (8 x 8)

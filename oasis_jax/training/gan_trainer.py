@@ -79,9 +79,10 @@ def check_config(config, stage1_config) -> None:
                     f'rate, or 0 for config.learning_rate')
   if config.gumbel_temperature <= 0:
     raise UserError(f'config.gumbel_temperature={config.gumbel_temperature}: expected a positive number')
-  if config.get('gumbel_scale', 1.0) < 0:
-    raise UserError(f'config.gumbel_scale={config.gumbel_scale}: expected a number >= 0 (1 draws codes from '
-                    f'softmax(logits), 0 takes their argmax)')
+  for field in ('gumbel_scale', 'sample_gumbel_scale'):
+    if config.get(field, 1.0) < 0:
+      raise UserError(f'config.{field}={config[field]}: expected a number >= 0 (1 draws codes from '
+                      f'softmax(logits), 0 takes their argmax)')
   if config.r1_gamma < 0 or config.minibatch_std_group < 0:
     raise UserError('config.r1_gamma and config.minibatch_std_group: expected numbers >= 0')
   if config.get('r1_every', 1) < 1:
@@ -315,7 +316,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage1_run, phases: 
     iterator = input_pipeline.code_map_iterator(real_maps, sharding, config.seed)
   generator, discriminator = sampling.make_models(config, stage1_config, axis_name=parallel.AXIS)
   p_train_steps = train_calls(config, generator, discriminator)
-  sampler = sampling.make_sampler(sampling.make_models(config, stage1_config)[0], stage1_model, config.head)
+  sampler = sampling.make_sampler(sampling.make_models(config, stage1_config)[0], stage1_model, config.head,
+                                  sampling.sample_gumbel_scale(config))
   base_key = jax.random.key(config.seed + 1)
 
   def run_steps(p_states, first, last):

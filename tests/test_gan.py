@@ -541,6 +541,25 @@ def test_samples_are_decoded_by_the_restored_stage1(tiny_chain):
   assert int(codes.max()) < 32 and int(codes.min()) >= 0
 
 
+@pytest.mark.parametrize('scale', [0.0, 0.5])
+def test_samples_draw_codes_with_the_saved_sample_gumbel_scale(tiny_chain, tmp_path, edit_saved_config, scale):
+  """A run saved with sample_gumbel_scale draws argmax(logits + scale x the Gumbel noise of its rows): at 0 the
+  argmax of the generator's logits (hand-computed from its outputs); the run as trained (scale 1) draws
+  argmax(logits + noise)."""
+  shutil.copytree(tiny_chain['gan'], tmp_path / 'gan')
+  edit_saved_config(tmp_path / 'gan', sample_gumbel_scale=scale)
+  loaded = sampling.load(str(tmp_path / 'gan'))
+  generator, _ = sampling.make_models(loaded.config, loaded.stage1_config)
+  z, rows, key = jax.random.normal(jax.random.key(0), (4, loaded.config.latent_dim)), np.arange(4), jax.random.key(1)
+  logits = np.asarray(generator.apply(loaded.g_variables, z, train=False))
+  noise = np.asarray(sampling.gumbel_noise(key, rows, logits.shape[1:]))
+  _, codes = loaded.sample(loaded.g_variables, loaded.stage1_variables, z, rows, key)
+  np.testing.assert_array_equal(codes, np.argmax(logits + scale * noise, axis=-1))
+  _, default_codes = sampling.load(tiny_chain['gan']).sample(loaded.g_variables, loaded.stage1_variables, z, rows, key)
+  np.testing.assert_array_equal(default_codes, np.argmax(logits + noise, axis=-1))
+  assert not np.array_equal(codes, default_codes)
+
+
 def test_a_sample_does_not_depend_on_the_batch_it_is_drawn_in(tiny_chain):
   loaded = sampling.load(tiny_chain['gan'])
   draw = functools.partial(sampling.generate, loaded.sample, loaded.g_variables, loaded.stage1_variables, 5,

@@ -69,6 +69,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.batch_size = 16         # 4000 steps of 16: as many slices as 2000 of 32, twice the updates (README)
     config.learning_rate = 5e-4
     config.discriminator_learning_rate = 1e-3   # twice the generator's (README, "Stage 2 design")
+    config.sample_gumbel_scale = 0.5   # sharper draws: fewer stray codes in the background (README, "Stage 2 design")
     config.num_train_steps = 4000
     config.steps_per_call = 4      # divides r1_every and the intervals: two compiled forms (with and without R1)
     config.log_every_steps = 100

@@ -90,6 +90,7 @@ def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int, c2st_imag
             'code_kl': float(metrics.code_histogram_kl(real_histogram, histogram(codes))),
             'nn_ssim': float(metrics.nearest_neighbour_ssim(images_, train_small).mean())}
   result = {'split': split, 'stage': 'gan', 'images': len(real), 'seed': seed,
+            'sample_gumbel_scale': sampling.sample_gumbel_scale(config),
             'samples': scores(samples, sample_codes),
             # Reference point: stage-1 reconstructions of the split (their code_kl is the train/split gap).
             'reconstructions': {**scores(reconstructions, real_codes),

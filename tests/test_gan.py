@@ -578,6 +578,7 @@ def test_evaluate_gan_prints_generation_metrics(tiny_chain, tmp_path, run_cli):
                    '--c2st_images=100')
   line = json.loads(result.stdout.strip().splitlines()[-1])
   assert line['split'] == 'test' and line['stage'] == 'gan' and line['images'] > 0
+  assert line['sample_gumbel_scale'] == 1.0   # the tiny recipe's, as saved in the run's config
   for group in ('samples', 'reconstructions'):
     assert set(line[group]) == {'swd', 'ms_ssim', 'code_kl', 'nn_ssim'} and line[group]['swd'] > 0
   assert 0 < line['real']['nn_ssim'] <= 1 and 0 < line['real']['ms_ssim'] < 1

@@ -6,8 +6,8 @@ pass uses the one-hot of argmax(logits + Gumbel noise) (a valid code map), the b
 softmax((logits + g) / tau). The discriminator sees codebook embeddings, one-hot codes @ the frozen stage-1
 codebook, [N, s, s, D] (config.discriminator_input='embedding', the default), or the one-hot codes themselves,
 [N, s, s, K] ('one_hot'); real code maps of training slices are presented the same way. Sampling draws codes the
-way training does, argmax(logits + Gumbel noise), so every generated code is an index in [0, K) that stage 1's
-decoder can render.
+way training does, argmax(logits + Gumbel noise), the noise optionally scaled down for a sharper draw
+(config.sample_gumbel_scale), so every generated code is an index in [0, K) that stage 1's decoder can render.
 
 Generator: dense to 4x4 x (width * 2^(L-1)), then L = log2(s / 4) x2 upsamplings (sub-pixel convs, or the DCGAN
 paper's 4x4 stride-2 transposed convs), each followed by batch norm (statistics averaged over devices under pmap) and
@@ -104,8 +104,9 @@ def quantize_straight_through(latents, codebook):
 def sample_codes(outputs, codebook, head: str, gumbel_noise=None):
   """The code map a generator's outputs stand for, always valid indices in [0, K).
 
-  head 'logits': a draw from the categorical distribution the generator was trained to emit, argmax(logits + g)
-  with Gumbel noise g (the forward pass of training); argmax(logits) when no noise is given. head 'latent': the
+  head 'logits': argmax(logits + g): with Gumbel noise g a draw from the categorical distribution the generator was
+  trained to emit (the forward pass of training), with scaled-down noise a sharper one; argmax(logits) when no noise
+  is given. head 'latent': the
   nearest codebook vector of each latent."""
   if head == 'logits':
     noisy = outputs if gumbel_noise is None else outputs + gumbel_noise

@@ -106,8 +106,7 @@ def sample_codes(outputs, codebook, head: str, gumbel_noise=None):
 
   head 'logits': argmax(logits + g): with Gumbel noise g a draw from the categorical distribution the generator was
   trained to emit (the forward pass of training), with scaled-down noise a sharper one; argmax(logits) when no noise
-  is given. head 'latent': the
-  nearest codebook vector of each latent."""
+  is given. head 'latent': the nearest codebook vector of each latent."""
   if head == 'logits':
     noisy = outputs if gumbel_noise is None else outputs + gumbel_noise
     return jnp.argmax(noisy, axis=-1).astype(jnp.int32)

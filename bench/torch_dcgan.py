@@ -8,8 +8,10 @@ from torch import nn
 
 
 class Generator(nn.Module):
-  def __init__(self, code_size, k, width, latent_dim):
+  def __init__(self, code_size, k, width, latent_dim, upsample='subpixel'):
     super().__init__()
+    if upsample not in ('subpixel', 'resize'):
+      raise ValueError(f'upsample={upsample!r}: the PyTorch peer has subpixel and resize')
     self.levels = int(math.log2(code_size // 4))
     self.top = width * 2 ** self.levels
     self.dense = nn.Linear(latent_dim, 16 * self.top)
@@ -17,7 +19,11 @@ class Generator(nn.Module):
     ch = self.top
     for level in range(self.levels):
       out = width * 2 ** (self.levels - level - 1)
-      layers += [nn.Conv2d(ch, 4 * out, 3, padding=1), nn.PixelShuffle(2), nn.BatchNorm2d(out), nn.ReLU()]
+      if upsample == 'resize':   # nearest-neighbour x2, then a 3x3 conv (oasis_jax's Upsample 'resize')
+        layers += [nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(ch, out, 3, padding=1)]
+      else:
+        layers += [nn.Conv2d(ch, 4 * out, 3, padding=1), nn.PixelShuffle(2)]
+      layers += [nn.BatchNorm2d(out), nn.ReLU()]
       ch = out
     layers += [nn.Conv2d(ch, k, 3, padding=1)]
     self.body = nn.Sequential(*layers)

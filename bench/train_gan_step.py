@@ -71,7 +71,8 @@ def torch_runner(config, stage1, real_codes, codebook, compiled, channels_last=F
   from bench import torch_dcgan
   torch.manual_seed(0)
   size = sampling.code_size(stage1)
-  generator = torch_dcgan.Generator(size, stage1.num_embeddings, config.generator_width, config.latent_dim)
+  generator = torch_dcgan.Generator(size, stage1.num_embeddings, config.generator_width, config.latent_dim,
+                                   config.upsample)
   discriminator = torch_dcgan.Discriminator(size, gan_trainer.discriminator_channels(config, stage1),
                                             config.discriminator_width, config.minibatch_std_group)
   step = torch_dcgan.make_train_step(generator, discriminator, torch.from_numpy(np.asarray(codebook)),

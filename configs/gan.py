@@ -16,7 +16,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.latent_dim = 100
   config.generator_width = 64
   config.discriminator_width = 64
-  config.upsample = 'subpixel'   # generator upsampling: 'subpixel' or 'transpose' (the DCGAN paper's)
+  config.upsample = 'subpixel'   # generator upsampling: 'subpixel', 'transpose' (the DCGAN paper's) or 'resize'
   config.conv_impl = 'auto'      # as configs/vqvae.py: 'xla', 'im2col', 'winograd', 'taps' or 'auto'
   # How the generator respects discrete codes (README, "Stage 2 design"):
   #   'logits': K logits per position, straight-through Gumbel-softmax to one-hot codes (design a);

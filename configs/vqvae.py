@@ -21,7 +21,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.embedding_dim = 64
   config.num_embeddings = 512
   config.num_downsamples = 2
-  config.upsample = 'subpixel'   # or 'transpose' (stride-2 transposed convs, as the original PyTorch project)
+  config.upsample = 'subpixel'   # 'transpose' (stride-2 transposed convs, as the original PyTorch project), 'resize'
   config.dtype = 'float32'       # or 'bfloat16' compute (params and quantiser stay float32)
   # How convolutions are computed (same parameters, same results up to float rounding): 'xla' (XLA's convolution
   # op), 'im2col' (one GEMM per layer), 'winograd' (F(4x4, 3x3) where it applies), 'taps' (3x3 layers as one GEMM

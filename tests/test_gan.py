@@ -425,7 +425,7 @@ def test_gan_config_errors_name_the_field():
   with pytest.raises(UserError, match=r'^config.learning_rate=0.0: expected a positive rate$'):
     gan_trainer.check_config(config, stage1)
   config.learning_rate, config.upsample = 1e-3, 'bilinear'
-  with pytest.raises(UserError, match=r"^config.upsample='bilinear': expected subpixel or transpose$"):
+  with pytest.raises(UserError, match=r"^config.upsample='bilinear': expected one of subpixel, transpose, resize$"):
     gan_trainer.check_config(config, stage1)
   config.upsample, config.loss = 'subpixel', 'wasserstein'
   with pytest.raises(UserError, match=r"^config.loss='wasserstein': expected nonsaturating or hinge$"):

@@ -97,7 +97,7 @@ def test_dead_codes_take_candidates_and_the_uniform_share():
 
 def test_model_shapes_and_upsample_kinds():
   config = vqvae_configs.get_config('tiny')
-  for kind in ('subpixel', 'transpose'):
+  for kind in vqvae.UPSAMPLE_KINDS:
     config.upsample = kind
     model = stage1.model_from_config(config)
     x = jax.ShapeDtypeStruct((2, 64, 64, 1), jnp.float32)
@@ -107,6 +107,20 @@ def test_model_shapes_and_upsample_kinds():
     assert codes.shape == (2, 16, 16) and codes.dtype == jnp.int32
   depth = vqvae.depth_to_space(jnp.arange(16.).reshape(1, 1, 1, 16))
   np.testing.assert_array_equal(depth[0, :, :, 0], [[0, 4], [8, 12]])  # channels (dy, dx, c) -> pixel (dy, dx)
+
+
+def test_resize_upsample_against_numpy():
+  """'resize': each pixel repeated 2x2, then a 3x3 convolution with zero padding, as loops over the taps in NumPy."""
+  x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+  layer = vqvae.Upsample(6, 'resize')
+  variables = layer.init(jax.random.key(0), x)
+  kernel, bias = (np.asarray(variables['params']['Conv_0'][name]) for name in ('kernel', 'bias'))
+  up = np.pad(x.repeat(2, axis=1).repeat(2, axis=2), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  expected = np.zeros((2, 6, 8, 6)) + bias
+  for dy in range(3):
+    for dx in range(3):
+      expected += np.einsum('nhwc,cf->nhwf', up[:, dy:dy + 6, dx:dx + 8].astype(np.float64), kernel[dy, dx])
+  np.testing.assert_allclose(layer.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_convolution_forms_give_the_same_model(tiny_batch):
@@ -367,7 +381,7 @@ def test_load_stage1_gives_the_trained_model(tiny_chain):
     ({'clip_margin': -0.1}, 'config.clip_margin=-0.1: expected a value in [0, 1]'),
     ({'ssim_weight': -1.0}, 'config.ssim_weight=-1.0: expected a number >= 0'),
     ({'lr_schedule': 'linear'}, "config.lr_schedule='linear': expected constant or cosine"),
-    ({'upsample': 'bilinear'}, "config.upsample='bilinear': expected subpixel or transpose"),
+    ({'upsample': 'bilinear'}, "config.upsample='bilinear': expected one of subpixel, transpose, resize"),
     ({'dtype': 'float16'}, "config.dtype='float16': expected float32 or bfloat16"),
     ({'batch_size': -4}, 'config.batch_size=-4: expected a positive multiple of the device count 2'),
     ({'batch_size': 5}, 'config.batch_size=5: expected a positive multiple of the device count 2'),

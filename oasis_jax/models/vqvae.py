@@ -52,11 +52,13 @@ def depth_to_space(x, block: int = 2):
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * block, w * block, c // block ** 2)
 
 
-UPSAMPLE_KINDS = ('subpixel', 'transpose')
+UPSAMPLE_KINDS = ('subpixel', 'transpose', 'resize')
 
 
 class Upsample(nn.Module):
-  """x2 upsampling: 'subpixel' (3x3 conv to 4C + depth-to-space) or 'transpose' (4x4 stride-2 transposed conv)."""
+  """x2 upsampling: 'subpixel' (3x3 conv to 4C + depth-to-space), 'transpose' (4x4 stride-2 transposed conv) or
+  'resize' (nearest-neighbour x2, then a 3x3 conv: every output pixel from the same kernel, so no checkerboard
+  pattern; Odena et al. 2016)."""
   features: int
   kind: str = 'subpixel'
   dtype: Any = jnp.float32
@@ -66,6 +68,8 @@ class Upsample(nn.Module):
   def __call__(self, x):
     if self.kind == 'subpixel':
       return depth_to_space(self.conv(4 * self.features, (3, 3), dtype=self.dtype)(x))
+    if self.kind == 'resize':
+      return self.conv(self.features, (3, 3), dtype=self.dtype)(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
     if self.kind == 'transpose':
       return nn.ConvTranspose(self.features, (4, 4), strides=(2, 2), dtype=self.dtype)(x)
     raise ValueError(f'unknown upsample kind {self.kind!r}')

@@ -64,6 +64,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   if variant == 'demo':
     config.vqvae_workdir = 'runs/demo/vqvae'
     config.conv_impl = 'xla'       # 16/32-wide layers: 'auto' is no faster (docs/performance.md compares them)
+    config.upsample = 'resize'     # nearest x2 + 3x3 conv: lower SWD than 'subpixel' (README, "Stage 2 design")
     config.generator_width = 16    # the generator holds most of the step's FLOPs: at 16, 4000 steps fit the demo
     config.discriminator_width = 32
     config.batch_size = 16         # 4000 steps of 16: as many slices as 2000 of 32, twice the updates (README)

@@ -100,6 +100,8 @@ def main():
                       "default: the recipe's. The PyTorch peers run the recipe's.")
   parser.add_argument('--discriminator_input', default='', choices=['', 'embedding', 'one_hot'],
                       help="config.discriminator_input, for oasis_jax and the PyTorch peers; default: the recipe's")
+  parser.add_argument('--upsample', default='', choices=['', 'subpixel', 'resize'],
+                      help="config.upsample, for oasis_jax and the PyTorch peers; default: the recipe's")
   parser.add_argument('--steps_per_call', default='',
                       help="oasis_jax variants: steps per compiled call (config.steps_per_call), e.g. 1,4; default: "
                       "the recipe's")
@@ -121,6 +123,7 @@ def main():
     variant = 'default' if size == 'seed' else size
     config, stage1 = gan_configs.get_config(variant), vqvae_configs.get_config(variant)
     config.discriminator_input = args.discriminator_input or config.discriminator_input
+    config.upsample = args.upsample or config.upsample
     s, k = sampling.code_size(stage1), stage1.num_embeddings
     rng = np.random.default_rng(0)
     batches = int_list(args.batch_sizes, config.batch_size)
@@ -158,7 +161,8 @@ def main():
     medians = alternating_medians({name: functools.partial(run, steps) for name, run in runners.items()},
                                   args.rounds)
     print(f'\n{size}: {s}x{s} code maps, K={k}, D={stage1.embedding_dim}, batch {config.batch_size}, widths '
-          f'{config.generator_width}, discriminator on {config.discriminator_input}; {args.rounds} alternating rounds '
+          f'{config.generator_width}, {config.upsample} upsampling, discriminator on {config.discriminator_input}; '
+          f'{args.rounds} alternating rounds '
           f'of {steps} steps')
     rates = {}
     for name, median in medians.items():

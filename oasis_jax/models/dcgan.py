@@ -9,9 +9,9 @@ codebook, [N, s, s, D] (config.discriminator_input='embedding', the default), or
 way training does, argmax(logits + Gumbel noise), the noise optionally scaled down for a sharper draw
 (config.sample_gumbel_scale), so every generated code is an index in [0, K) that stage 1's decoder can render.
 
-Generator: dense to 4x4 x (width * 2^(L-1)), then L = log2(s / 4) x2 upsamplings (sub-pixel convs, or the DCGAN
-paper's 4x4 stride-2 transposed convs), each followed by batch norm (statistics averaged over devices under pmap) and
-ReLU, and a 3x3 conv to the head. Discriminator: 4x4 stride-2 convs with LeakyReLU(0.2) down to 4x4, an optional
+Generator: dense to 4x4 x (width * 2^(L-1)), then L = log2(s / 4) x2 upsamplings (vqvae.Upsample: sub-pixel convs,
+nearest-neighbour resize + 3x3 conv, or the DCGAN paper's 4x4 stride-2 transposed convs), each followed by batch
+norm (statistics averaged over devices under pmap) and ReLU, and a 3x3 conv to the head. Discriminator: 4x4 stride-2 convs with LeakyReLU(0.2) down to 4x4, an optional
 minibatch standard-deviation feature (Karras et al. 2018, against mode collapse), then a dense logit; no batch norm in
 the discriminator (it would mix real and generated statistics).
 

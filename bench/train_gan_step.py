@@ -162,8 +162,7 @@ def main():
                                   args.rounds)
     print(f'\n{size}: {s}x{s} code maps, K={k}, D={stage1.embedding_dim}, batch {config.batch_size}, widths '
           f'{config.generator_width}, {config.upsample} upsampling, discriminator on {config.discriminator_input}; '
-          f'{args.rounds} alternating rounds '
-          f'of {steps} steps')
+          f'{args.rounds} alternating rounds of {steps} steps')
     rates = {}
     for name, median in medians.items():
       rates[name] = batch_of[name] / median

@@ -11,9 +11,9 @@ way training does, argmax(logits + Gumbel noise), the noise optionally scaled do
 
 Generator: dense to 4x4 x (width * 2^(L-1)), then L = log2(s / 4) x2 upsamplings (vqvae.Upsample: sub-pixel convs,
 nearest-neighbour resize + 3x3 conv, or the DCGAN paper's 4x4 stride-2 transposed convs), each followed by batch
-norm (statistics averaged over devices under pmap) and ReLU, and a 3x3 conv to the head. Discriminator: 4x4 stride-2 convs with LeakyReLU(0.2) down to 4x4, an optional
-minibatch standard-deviation feature (Karras et al. 2018, against mode collapse), then a dense logit; no batch norm in
-the discriminator (it would mix real and generated statistics).
+norm (statistics averaged over devices under pmap) and ReLU, and a 3x3 conv to the head. Discriminator: 4x4 stride-2
+convs with LeakyReLU(0.2) down to 4x4, an optional minibatch standard-deviation feature (Karras et al. 2018, against
+mode collapse), then a dense logit; no batch norm in the discriminator (it would mix real and generated statistics).
 
 Two heads (config.head), both emitting only valid code maps:
   'logits' (design a): K logits per position, straight-through Gumbel-softmax to one-hot codes (embedded or not).

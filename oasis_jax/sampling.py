@@ -83,7 +83,7 @@ def make_sampler(generator, stage1_model, head: str, gumbel_scale: float = 1.0):
   def sample(g_variables, stage1_variables, z, rows, key):
     outputs = generator.apply(g_variables, z, train=False)
     gumbel = scaled_gumbel_noise(key, rows, outputs.shape[1:], gumbel_scale, outputs.dtype)
-    codes = dcgan.sample_codes(outputs, stage1_variables[vqvae.VQ]['codebook'], head, gumbel)
+    codes = dcgan.sample_codes(outputs, stage1_variables[vqvae.VQ]['codebook'], head, gumbel, ops.argmax())
     decoded = stage1_model.apply(stage1_variables, codes, method=vqvae.VQVAE.decode_codes)
     return jnp.clip(decoded, 0, 1), codes
   return jax.jit(sample)

@@ -1,4 +1,5 @@
-"""reductions.argmin equals NumPy's (the first index among ties) on random, tied, tiny, huge and infinite rows."""
+"""reductions.argmin and argmax equal NumPy's (the first index among ties) on random, tied, tiny, huge and infinite
+rows."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +29,14 @@ def test_argmin_is_numpys_first_index(x):
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(got, np.argmin(x, axis=-1))
   np.testing.assert_array_equal(reductions.argmin(x.reshape(-1, 1, x.shape[-1]))[:, 0], np.argmin(x, axis=-1))
+
+
+@pytest.mark.parametrize('x', list(rows()))
+def test_argmax_is_numpys_first_index(x):
+  x = -x     # ties stay ties; the infinite entries become -inf, which argmax handles exactly
+  got = jax.jit(reductions.argmax)(x)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
 
 
 def test_nearest_codes_takes_the_first_of_equal_codes():

@@ -21,7 +21,7 @@ Two heads (config.head), both emitting only valid code maps:
             in stage 1's quantiser); the discriminator sees the quantised latents.
 """
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -79,13 +79,19 @@ def minibatch_std(x, group: int):
   return jnp.concatenate([x, feature], axis=-1)
 
 
-def gumbel_straight_through(logits, gumbel_noise, temperature: float):
-  """One-hot codes forward, softmax((logits + g) / tau) gradients backward, g the given Gumbel(0, 1) noise.
+def argmax_last(x):
+  """jnp.argmax over the last axis, int32: the first index among equal maxima."""
+  return jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+
+def gumbel_straight_through(logits, gumbel_noise, temperature: float, argmax: Callable = argmax_last):
+  """One-hot codes forward, softmax((logits + g) / tau) gradients backward, g the given Gumbel(0, 1) noise;
+  `argmax` computes the codes over the last axis (ops.layers picks a faster one on CPU).
 
   Returns (one_hot, codes)."""
   noisy = logits + gumbel_noise
   soft = jax.nn.softmax(noisy / temperature, axis=-1)
-  codes = jnp.argmax(noisy, axis=-1)
+  codes = argmax(noisy)
   hard = jax.nn.one_hot(codes, logits.shape[-1], dtype=logits.dtype)
   return hard + soft - jax.lax.stop_gradient(soft), codes
 
@@ -101,7 +107,7 @@ def quantize_straight_through(latents, codebook):
   return straight_through(latents, jnp.take(codebook, codes, axis=0)), codes
 
 
-def sample_codes(outputs, codebook, head: str, gumbel_noise=None):
+def sample_codes(outputs, codebook, head: str, gumbel_noise=None, argmax: Callable = argmax_last):
   """The code map a generator's outputs stand for, always valid indices in [0, K).
 
   head 'logits': argmax(logits + g): with Gumbel noise g a draw from the categorical distribution the generator was
@@ -109,5 +115,5 @@ def sample_codes(outputs, codebook, head: str, gumbel_noise=None):
   is given. head 'latent': the nearest codebook vector of each latent."""
   if head == 'logits':
     noisy = outputs if gumbel_noise is None else outputs + gumbel_noise
-    return jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+    return argmax(noisy)
   return quantize_straight_through(outputs, codebook)[1]

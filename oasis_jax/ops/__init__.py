@@ -1,8 +1,8 @@
 """CPU forms of the models' operations: convolutions as Winograd / im2col / taps GEMMs (with native XLA:CPU tile
-kernels) and a vectorised exact arg-min. Same parameters and results as the plain forms, faster on XLA:CPU.
+kernels) and vectorised exact arg-min and arg-max. Same parameters and results as the plain forms, faster on XLA:CPU.
 
-`layers(conv_impl)` is the one place that picks them: on XLA:CPU it returns these forms, on GPU/TPU the plain ones
-(`flax.linen.Conv`, `jnp.argmin`) without importing the native-kernel builder."""
+`layers(conv_impl)` and `argmax()` are the places that pick them: on XLA:CPU they return these forms, on GPU/TPU the
+plain ones (`flax.linen.Conv`, `jnp.argmin`, `jnp.argmax`) without importing the native-kernel builder."""
 import functools
 
 from oasis_jax.errors import check_choice
@@ -24,3 +24,14 @@ def layers(conv_impl: str = 'xla') -> dict:
   from oasis_jax.ops import convolution, reductions
   check_choice({'conv_impl': conv_impl}, 'conv_impl', CONV_IMPLS)
   return {'conv': functools.partial(convolution.Conv, impl=conv_impl), 'argmin': reductions.argmin}
+
+
+def argmax():
+  """The last-axis arg-max (int32, the first index among ties) for this backend: the vectorised
+  `reductions.argmax` on XLA:CPU, `jnp.argmax` elsewhere."""
+  import jax
+  if jax.default_backend() != 'cpu':
+    from oasis_jax.models.dcgan import argmax_last
+    return argmax_last
+  from oasis_jax.ops import reductions
+  return reductions.argmax

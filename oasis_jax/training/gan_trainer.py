@@ -151,7 +151,8 @@ def generated_codes(outputs, codebook, config, gumbel_noise):
   Both heads are straight-through: the forward pass holds one-hot codes (discriminator_input 'one_hot') or
   codebook vectors (head 'latent', or 'embedding') of valid codes only."""
   if config.head == 'logits':
-    one_hot, codes = dcgan.gumbel_straight_through(outputs, gumbel_noise, config.gumbel_temperature)
+    one_hot, codes = dcgan.gumbel_straight_through(outputs, gumbel_noise, config.gumbel_temperature,
+                                                   ops.argmax())
     if sees_one_hot(config):
       return one_hot, codes, 0.0
     return dcgan.embed(one_hot, codebook), codes, 0.0

@@ -41,6 +41,9 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.minibatch_std_group = 4 # minibatch standard-deviation feature in the discriminator (group size)
   config.spectral_norm = False   # spectral normalisation of the discriminator's weights (Miyato et al. 2018)
   config.generator_ema = 0.0     # EMA decay of the generator weights that samples are drawn from (with a warm-up)
+  # Head 'logits': weight of KL(the real codes' histogram || the generator's expected one) in the generator's loss,
+  # over the global batch (0 = off): codes the discriminator cannot tell from near ones are not dropped.
+  config.code_histogram_weight = 0.0
   # DiffAugment (Zhao et al. 2020) of what the discriminator sees, real and generated alike: '' (none) or a
   # comma-separated subset of 'translation' (by up to augment_translation x the map's side) and 'cutout'.
   config.augment = ''

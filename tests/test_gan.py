@@ -187,6 +187,7 @@ def _with_sgd(states):
     {'discriminator_input': 'one_hot', 'augment': 'translation', 'r1_gamma': 1.0},
     {'spectral_norm': True, 'r1_gamma': 1.0},
     {'gumbel_scale': 0.0, 'r1_gamma': 1.0},
+    {'code_histogram_weight': 3.0},
 ])
 def test_two_device_gan_step_equals_one_device_step(overrides):
   stage1 = vqvae_configs.get_config('tiny')
@@ -214,6 +215,37 @@ def test_two_device_gan_step_equals_one_device_step(overrides):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(one_metrics['g_loss'][0], two_metrics['g_loss'][0], rtol=1e-5)
   assert int(one_metrics['codes_used'][0]) == int(two_metrics['codes_used'][0])
+  if overrides.get('code_histogram_weight'):
+    np.testing.assert_allclose(one_metrics['histogram_kl'][0], two_metrics['histogram_kl'][0], rtol=1e-5)
+    assert float(one_metrics['histogram_kl'][0]) > 0.01
+
+
+def test_code_histogram_term_has_the_gradient_of_the_kl_over_the_global_batch():
+  """KL(p_real || mean softmax) over all rows, in float64 NumPy with a finite-difference gradient, against the
+  term's value and gradient on 1 device and on 2 devices (the halves' gradients averaged, as pmean does)."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 3, 3, 5)) * 2
+  counts = np.array([10., 0., 5., 20., 1.])
+  p_real = counts / counts.sum()
+
+  def kl(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    p_fake = (e / e.sum(-1, keepdims=True)).reshape(-1, 5).mean(0)
+    mask = p_real > 0
+    return np.sum(p_real[mask] * np.log(p_real[mask] / p_fake[mask]))
+  expected = np.zeros_like(logits)
+  for index in np.ndindex(logits.shape):
+    step = np.zeros_like(logits)
+    step[index] = 1e-6
+    expected[index] = (kl(logits + step) - kl(logits - step)) / 2e-6
+  for devices in (jax.local_devices()[:1], jax.local_devices()[:2]):
+    n = len(devices)
+    term = lambda x: gan_trainer.code_histogram_term(x, jnp.asarray(counts, jnp.float32), 2.0)
+    grads, values = jax.pmap(lambda x: (jax.grad(lambda y: term(y)[0])(x), term(x)[1]), axis_name=parallel.AXIS,
+                             devices=devices)(jnp.asarray(logits, jnp.float32).reshape(n, 4 // n, 3, 3, 5))
+    np.testing.assert_allclose(values, kl(logits), rtol=1e-5)
+    # pmean of the devices' gradients: each device's rows get its gradient / n
+    np.testing.assert_allclose(np.asarray(grads).reshape(logits.shape) / n, 2.0 * expected, rtol=1e-3, atol=1e-6)
 
 
 def test_lazy_r1_step_is_the_r1_step_with_gamma_times_the_interval():
@@ -437,7 +469,10 @@ def test_gan_config_errors_name_the_field():
   with pytest.raises(UserError, match=r'^config.gumbel_scale=-1.0: expected a number >= 0 \(1 draws codes from '
                                       r'softmax\(logits\), 0 takes their argmax\)$'):
     gan_trainer.check_config(config, stage1)
-  config.gumbel_scale, config.conv_impl = 1.0, 'fft'
+  config.gumbel_scale, config.code_histogram_weight = 1.0, -1.0
+  with pytest.raises(UserError, match=r'^config.code_histogram_weight=-1.0: expected a number >= 0$'):
+    gan_trainer.check_config(config, stage1)
+  config.code_histogram_weight, config.conv_impl = 0.0, 'fft'
   with pytest.raises(UserError, match=r"^config.conv_impl='fft': expected one of xla, im2col, winograd, taps, auto$"):
     gan_trainer.check_config(config, stage1)
 

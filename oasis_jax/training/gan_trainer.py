@@ -93,6 +93,8 @@ def check_config(config, stage1_config) -> None:
     raise UserError(f'config.augment={config.augment!r}: {error}') from None
   if not 0 <= config.get('augment_translation', 0.125) <= 0.5:
     raise UserError(f'config.augment_translation={config.augment_translation}: expected a fraction in [0, 0.5]')
+  if config.get('code_histogram_weight', 0.0) < 0:
+    raise UserError(f'config.code_histogram_weight={config.code_histogram_weight}: expected a number >= 0')
   if not 0 <= config.generator_ema < 1:
     raise UserError(f'config.generator_ema={config.generator_ema}: expected a value in [0, 1)')
   per_device = config.batch_size // max(jax.device_count(), 1)
@@ -162,6 +164,21 @@ def generated_codes(outputs, codebook, config, gumbel_noise):
   return quantized, codes, config.latent_commitment * commitment
 
 
+def code_histogram_term(logits, real_counts, weight: float):
+  """weight x KL(p_real || p_fake) as the generator sees it: p_real the real code maps' histogram over the global
+  batch (real_counts [K], psum-ed), p_fake the generator's expected one, its softmax(logits [n, s, s, K]) averaged
+  over the global batch's positions. Returns (term, kl): a term whose gradient is that KL's (its coefficients
+  -p_real / p_fake held at the global p_fake, times this device's average, whose gradients pmean averages), so a
+  step is the same on 1 device or on many; kl its value."""
+  probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  local = jnp.mean(probabilities.reshape(-1, probabilities.shape[-1]), axis=0)
+  p_fake = jax.lax.pmean(jax.lax.stop_gradient(local), parallel.AXIS)
+  p_real = real_counts / jnp.sum(real_counts)
+  coefficients = jax.lax.stop_gradient(-p_real / jnp.maximum(p_fake, 1e-12))
+  kl = jnp.sum(jnp.where(p_real > 0, p_real * jnp.log(jnp.maximum(p_real, 1e-12) / jnp.maximum(p_fake, 1e-12)), 0.0))
+  return weight * jnp.sum(coefficients * local), kl
+
+
 def discriminator_loss(real_logits, fake_logits, kind: str):
   if kind == 'hinge':
     return jax.nn.relu(1 - real_logits).mean() + jax.nn.relu(1 + fake_logits).mean()
@@ -193,6 +210,9 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
     return augment.augment(embeddings, jax.random.fold_in(augment_key, use), rows, policy,
                            config.get('augment_translation', 0.125))
 
+  real_counts = jax.lax.psum(jnp.bincount(real_codes.reshape(-1), length=k), parallel.AXIS)
+  histogram_weight = config.get('code_histogram_weight', 0.0) if config.head == 'logits' else 0.0
+
   def generate(g_params):
     z_key, gumbel_key = jax.random.split(g_key)
     z = sampling.per_row_noise(z_key, rows, lambda k_: jax.random.normal(k_, (config.latent_dim,)))
@@ -201,11 +221,15 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
     gumbel = sampling.scaled_gumbel_noise(gumbel_key, rows, outputs.shape[1:], config.get('gumbel_scale', 1.0),
                                           outputs.dtype)
     fake, codes, penalty = generated_codes(outputs, codebook, config, gumbel)
-    return (fake, jnp.asarray(penalty, fake.dtype)), (codes, updates['batch_stats'])
+    histogram_kl = 0.0
+    if histogram_weight:
+      term, histogram_kl = code_histogram_term(outputs, real_counts, histogram_weight)
+      penalty = penalty + term
+    return (fake, jnp.asarray(penalty, fake.dtype)), (codes, updates['batch_stats'], histogram_kl)
 
   # One generator pass serves both updates: its fakes train D (as constants), then its VJP carries the generator
   # loss under the updated D back to G's parameters.
-  (fake, penalty), g_vjp, (codes, batch_stats) = jax.vjp(generate, g_state.params, has_aux=True)
+  (fake, penalty), g_vjp, (codes, batch_stats, histogram_kl) = jax.vjp(generate, g_state.params, has_aux=True)
   if sees_one_hot(config):
     real = seen(jax.nn.one_hot(real_codes, k, dtype=codebook.dtype), 1)
   else:
@@ -243,9 +267,10 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
   decay = generator_ema_decay(config.generator_ema, g_state.step)
   g_state = g_state.replace(ema_params=optax.incremental_update(g_state.params, g_state.ema_params, 1.0 - decay))
   fake_counts = jax.lax.psum(jnp.bincount(codes.reshape(-1), length=k), parallel.AXIS)
-  real_counts = jax.lax.psum(jnp.bincount(real_codes.reshape(-1), length=k), parallel.AXIS)
   step_metrics = jax.lax.pmean({'d_loss': d_loss, 'g_loss': g_loss, 'd_real': d_real, 'd_fake': d_fake, 'r1': r1},
                                parallel.AXIS)
+  if histogram_weight:
+    step_metrics['histogram_kl'] = histogram_kl
   step_metrics['codes_used'] = jnp.sum(fake_counts > 0)
   step_metrics['code_kl'] = metrics.code_histogram_kl(real_counts, fake_counts)
   return (g_state, d_state), step_metrics

@@ -8,7 +8,7 @@ from torch import nn
 
 
 class Generator(nn.Module):
-  def __init__(self, code_size, k, width, latent_dim, upsample='subpixel'):
+  def __init__(self, code_size, k, width, latent_dim, upsample='subpixel', final_convs=0):
     super().__init__()
     if upsample not in ('subpixel', 'resize'):
       raise ValueError(f'upsample={upsample!r}: the PyTorch peer has subpixel and resize')
@@ -25,6 +25,8 @@ class Generator(nn.Module):
         layers += [nn.Conv2d(ch, 4 * out, 3, padding=1), nn.PixelShuffle(2)]
       layers += [nn.BatchNorm2d(out), nn.ReLU()]
       ch = out
+    for _ in range(final_convs):
+      layers += [nn.Conv2d(ch, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU()]
     layers += [nn.Conv2d(ch, k, 3, padding=1)]
     self.body = nn.Sequential(*layers)
 

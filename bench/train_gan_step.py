@@ -72,7 +72,7 @@ def torch_runner(config, stage1, real_codes, codebook, compiled, channels_last=F
   torch.manual_seed(0)
   size = sampling.code_size(stage1)
   generator = torch_dcgan.Generator(size, stage1.num_embeddings, config.generator_width, config.latent_dim,
-                                   config.upsample)
+                                   config.upsample, config.get('generator_final_convs', 0))
   discriminator = torch_dcgan.Discriminator(size, gan_trainer.discriminator_channels(config, stage1),
                                             config.discriminator_width, config.minibatch_std_group)
   step = torch_dcgan.make_train_step(generator, discriminator, torch.from_numpy(np.asarray(codebook)),

@@ -16,6 +16,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.latent_dim = 100
   config.generator_width = 64
   config.discriminator_width = 64
+  config.generator_final_convs = 0  # 3x3 conv + batch norm + ReLU blocks at the code map's size before the head
   config.upsample = 'subpixel'   # generator upsampling: 'subpixel', 'transpose' (the DCGAN paper's) or 'resize'
   config.conv_impl = 'auto'      # as configs/vqvae.py: 'xla', 'im2col', 'winograd', 'taps' or 'auto'
   # How the generator respects discrete codes (README, "Stage 2 design"):

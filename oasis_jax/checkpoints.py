@@ -55,6 +55,10 @@ def read_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
   return saved['stage'], ml_collections.ConfigDict(saved['config'])
 
 
+# Model fields added after runs were saved without them, and the value those runs were built with.
+ADDED_FIELDS = {'generator_final_convs': 0}
+
+
 def check_resumable(workdir: str, config: ml_collections.ConfigDict, stage: str,
                     must_match: tuple[str, ...] = (), why: dict[str, str] | None = None) -> None:
   """Refuses a workdir of the other stage, or one whose run's `must_match` fields differ from config's (`why`: a
@@ -66,9 +70,12 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict, stage: str,
     if not has_checkpoint(workdir):
       return
     for field in must_match:
-      if field in saved and _comparable(field, saved[field]) != _comparable(field, config[field]):
+      if field not in saved and field not in ADDED_FIELDS:
+        continue
+      value = saved[field] if field in saved else ADDED_FIELDS[field]
+      if _comparable(field, value) != _comparable(field, config[field]):
         reason = f' ({why[field]})' if why and field in why else ''
-        raise UserError(f'config.{field}={config[field]!r} differs from {saved[field]!r} of the run in {workdir}'
+        raise UserError(f'config.{field}={config[field]!r} differs from {value!r} of the run in {workdir}'
                         f'{reason}: use another --workdir to start a new run')
 
 

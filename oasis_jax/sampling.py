@@ -31,7 +31,8 @@ def make_models(config, stage1_config, axis_name=None):
   out = stage1_config.num_embeddings if config.head == 'logits' else stage1_config.embedding_dim
   conv = ops.layers(config.get('conv_impl', 'xla'))['conv']   # runs saved before the field existed used XLA's
   size = code_size(stage1_config)
-  return (dcgan.Generator(size, out, config.generator_width, config.upsample, axis_name, conv),
+  return (dcgan.Generator(size, out, config.generator_width, config.upsample, axis_name, conv,
+                          config.get('generator_final_convs', 0)),
           dcgan.Discriminator(size, config.discriminator_width, config.minibatch_std_group, conv))
 
 

@@ -175,6 +175,22 @@ def test_generator_codes_are_valid_indices_for_any_input(head):
   assert discriminator.apply(d_vars, jnp.zeros((3, 16, 16, channels))).shape == (3,)
 
 
+def test_generator_final_convs_are_conv_batchnorm_blocks_at_the_code_size():
+  stage1 = vqvae_configs.get_config('tiny')
+  config = gan_configs.get_config('tiny')
+  z = jnp.zeros((2, config.latent_dim))
+  counts, shapes = [], []
+  for blocks in (0, 2):
+    config.generator_final_convs = blocks
+    generator = sampling.make_models(config, stage1)[0]
+    variables = generator.init(jax.random.key(0), z, train=False)
+    counts.append(sum(leaf.size for leaf in jax.tree.leaves(variables['params'])))
+    shapes.append(generator.apply(variables, z, train=False).shape)
+  width = config.generator_width   # the last level's width
+  assert shapes[0] == shapes[1] == (2, 16, 16, 32)
+  assert counts[1] - counts[0] == 2 * (9 * width * width + width + 2 * width)   # 3x3 conv + bias, BN scale + bias
+
+
 def _with_sgd(states):
   """The (generator, discriminator) states with plain SGD at rate 1: a step moves the parameters by -gradient."""
   return tuple(state.replace(tx=optax.sgd(1.0), opt_state=optax.sgd(1.0).init(state.params)) for state in states)
@@ -188,6 +204,7 @@ def _with_sgd(states):
     {'spectral_norm': True, 'r1_gamma': 1.0},
     {'gumbel_scale': 0.0, 'r1_gamma': 1.0},
     {'code_histogram_weight': 3.0},
+    {'generator_final_convs': 1},
 ])
 def test_two_device_gan_step_equals_one_device_step(overrides):
   stage1 = vqvae_configs.get_config('tiny')
@@ -469,7 +486,10 @@ def test_gan_config_errors_name_the_field():
   with pytest.raises(UserError, match=r'^config.gumbel_scale=-1.0: expected a number >= 0 \(1 draws codes from '
                                       r'softmax\(logits\), 0 takes their argmax\)$'):
     gan_trainer.check_config(config, stage1)
-  config.gumbel_scale, config.code_histogram_weight = 1.0, -1.0
+  config.gumbel_scale, config.generator_final_convs = 1.0, -1
+  with pytest.raises(UserError, match=r'^config.generator_final_convs=-1: expected a number >= 0$'):
+    gan_trainer.check_config(config, stage1)
+  config.generator_final_convs, config.code_histogram_weight = 0, -1.0
   with pytest.raises(UserError, match=r'^config.code_histogram_weight=-1.0: expected a number >= 0$'):
     gan_trainer.check_config(config, stage1)
   config.code_histogram_weight, config.conv_impl = 0.0, 'fft'

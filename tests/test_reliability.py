@@ -1,5 +1,6 @@
 """Reliability: damaged checkpoints, the NaN guard, the bad-input matrix, no unsafe loading, one run per workdir
 (kill-anywhere resume: test_soak.py)."""
+import json
 import os
 import pathlib
 import re
@@ -176,6 +177,9 @@ MATRIX = [
      r'another --workdir'),
     ('stage-2 model changed', lambda tmp, w: _train_gan(w['gan'], w['vqvae'], generator_width=4),
      r'config.generator_width=4 differs from 8 of the run in \S+: use another --workdir to start a new run'),
+    ('stage-2 run saved before its generator had final convs', lambda tmp, w: _train_gan(tmp / 'gan_copy', w['vqvae'],
+                                                                                     generator_final_convs=1),
+     r'config.generator_final_convs=1 differs from 0 of the run in \S+: use another --workdir to start a new run'),
     ('stage-1 workdir holds stage 2', lambda tmp, w: _train_vqvae(w['gan']),
      r'\S+: holds a gan run, not a vqvae run: use another --workdir'),
     ('stage-2 workdir holds stage 1', lambda tmp, w: _train_gan(w['vqvae'], w['vqvae']),
@@ -197,6 +201,13 @@ def test_bad_input_matrix(case, call, message, workdirs, tmp_path, edit_saved_co
     shutil.copytree(workdirs['vqvae'], tmp_path / 'stage1_copy')
     edit_saved_config(tmp_path / 'gan_copy', vqvae_workdir=str(tmp_path / 'stage1_copy'))
     edit_saved_config(tmp_path / 'stage1_copy', num_embeddings=16)
+  if case.startswith('stage-2 run saved before'):   # a copy of the GAN whose saved config lacks the field
+    shutil.copytree(workdirs['gan'], tmp_path / 'gan_copy')
+    with open(tmp_path / 'gan_copy' / 'config.json') as f:
+      saved = json.load(f)
+    del saved['config']['generator_final_convs']
+    with open(tmp_path / 'gan_copy' / 'config.json', 'w') as f:
+      json.dump(saved, f)
   before = {name: _snapshot(path) for name, path in workdirs.items()}
   with pytest.raises(UserError) as info:
     call(tmp_path, {name: pathlib.Path(path) for name, path in workdirs.items()})

@@ -10,10 +10,11 @@ way training does, argmax(logits + Gumbel noise), the noise optionally scaled do
 (config.sample_gumbel_scale), so every generated code is an index in [0, K) that stage 1's decoder can render.
 
 Generator: dense to 4x4 x (width * 2^(L-1)), then L = log2(s / 4) x2 upsamplings (vqvae.Upsample: sub-pixel convs,
-nearest-neighbour resize + 3x3 conv, or the DCGAN paper's 4x4 stride-2 transposed convs), each followed by batch
-norm (statistics averaged over devices under pmap) and ReLU, and a 3x3 conv to the head. Discriminator: 4x4 stride-2
-convs with LeakyReLU(0.2) down to 4x4, an optional minibatch standard-deviation feature (Karras et al. 2018, against
-mode collapse), then a dense logit; no batch norm in the discriminator (it would mix real and generated statistics).
+nearest-neighbour resize + 3x3 conv, or the DCGAN paper's 4x4 stride-2 transposed convs), each followed by batch norm
+(statistics averaged over devices under pmap) and ReLU, `final_convs` 3x3 conv + batch norm + ReLU blocks at the code
+map's size, and a 3x3 conv to the head. Discriminator: 4x4 stride-2 convs with LeakyReLU(0.2) down to 4x4, an
+optional minibatch standard-deviation feature (Karras et al. 2018, against mode collapse), then a dense logit; no
+batch norm in the discriminator (it would mix real and generated statistics).
 
 Two heads (config.head), both emitting only valid code maps:
   'logits' (design a): K logits per position, straight-through Gumbel-softmax to one-hot codes (embedded or not).
@@ -37,6 +38,7 @@ class Generator(nn.Module):
   upsample: str = 'subpixel'
   axis_name: Any = None     # set to the pmap axis to average batch-norm statistics over devices
   conv: ModuleDef = nn.Conv # the convolution layer (oasis_jax.ops.layers picks a faster one on CPU)
+  final_convs: int = 0      # 3x3 conv + batch norm + ReLU blocks at the code map's size, before the head
 
   @nn.compact
   def __call__(self, z, train: bool = True):
@@ -47,6 +49,8 @@ class Generator(nn.Module):
     for level in range(levels):
       x = Upsample(self.width * 2 ** (levels - level - 1), self.upsample, conv=self.conv)(x)
       x = nn.relu(norm()(x))
+    for _ in range(self.final_convs):
+      x = nn.relu(norm()(self.conv(x.shape[-1], (3, 3))(x)))
     return self.conv(self.out_features, (3, 3))(x)
 
 

@@ -27,7 +27,7 @@ from oasis_jax.training import augment, loop
 
 # Fields that define the models: a resumed run must have the same ones.
 MODEL_FIELDS = ('head', 'latent_dim', 'generator_width', 'discriminator_width', 'upsample', 'minibatch_std_group',
-                'discriminator_input', 'spectral_norm')
+                'discriminator_input', 'spectral_norm', 'generator_final_convs')
 # What a resumed run must share with the run in its workdir.
 MUST_MATCH = MODEL_FIELDS + ('vqvae_workdir', 'stage1_model', 'batch_size', 'seed')
 
@@ -93,6 +93,8 @@ def check_config(config, stage1_config) -> None:
     raise UserError(f'config.augment={config.augment!r}: {error}') from None
   if not 0 <= config.get('augment_translation', 0.125) <= 0.5:
     raise UserError(f'config.augment_translation={config.augment_translation}: expected a fraction in [0, 0.5]')
+  if config.get('generator_final_convs', 0) < 0:
+    raise UserError(f'config.generator_final_convs={config.generator_final_convs}: expected a number >= 0')
   if config.get('code_histogram_weight', 0.0) < 0:
     raise UserError(f'config.code_histogram_weight={config.code_histogram_weight}: expected a number >= 0')
   if not 0 <= config.generator_ema < 1:

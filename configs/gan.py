@@ -71,6 +71,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.upsample = 'resize'     # nearest x2 + 3x3 conv: lower SWD than 'subpixel' (README, "Stage 2 design")
     config.generator_width = 16    # the generator holds most of the step's FLOPs: at 16, 4000 steps fit the demo
     config.discriminator_width = 32
+    config.generator_final_convs = 1  # README, "Stage 2 design"
     config.batch_size = 16         # 4000 steps of 16: as many slices as 2000 of 32, twice the updates (README)
     config.learning_rate = 5e-4
     config.discriminator_learning_rate = 1e-3   # twice the generator's (README, "Stage 2 design")

@@ -16,7 +16,7 @@ TREES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'checkp
 
 MODEL_PARTS = ("['params']", "['vq']", '.params', '.batch_stats')   # what the models define (not optimiser state)
 # Recipe fields that have changed since the trees were recorded: the models are built as the recorded runs were.
-RECORDED_WITH = {'gan:demo': {'generator_width': 32, 'upsample': 'subpixel'}}
+RECORDED_WITH = {'gan:demo': {'generator_width': 32, 'upsample': 'subpixel', 'generator_final_convs': 0}}
 
 
 def paths_and_shapes(tree) -> dict:

@@ -90,7 +90,7 @@ def argmax_last(x):
 
 def gumbel_straight_through(logits, gumbel_noise, temperature: float, argmax: Callable = argmax_last):
   """One-hot codes forward, softmax((logits + g) / tau) gradients backward, g the given Gumbel(0, 1) noise;
-  `argmax` computes the codes over the last axis (ops.layers picks a faster one on CPU).
+  `argmax` computes the codes over the last axis (ops.argmax() picks a faster one on CPU).
 
   Returns (one_hot, codes)."""
   noisy = logits + gumbel_noise

@@ -177,7 +177,8 @@ def code_histogram_term(logits, real_counts, weight: float):
   p_fake = jax.lax.pmean(jax.lax.stop_gradient(local), parallel.AXIS)
   p_real = real_counts / jnp.sum(real_counts)
   coefficients = jax.lax.stop_gradient(-p_real / jnp.maximum(p_fake, 1e-12))
-  kl = jnp.sum(jnp.where(p_real > 0, p_real * jnp.log(jnp.maximum(p_real, 1e-12) / jnp.maximum(p_fake, 1e-12)), 0.0))
+  ratio = jnp.maximum(p_real, 1e-12) / jnp.maximum(p_fake, 1e-12)
+  kl = jnp.sum(jnp.where(p_real > 0, p_real * jnp.log(ratio), 0.0))
   return weight * jnp.sum(coefficients * local), kl
 
 

@@ -78,19 +78,22 @@ def run_cli():
   return _run_cli
 
 
-def _edit_saved_config(workdir, **fields):
-  """Changes fields of the config a training run saved in WORKDIR/config.json (to model a run made otherwise)."""
+def _edit_saved_config(workdir, drop=(), **fields):
+  """Changes fields of the config a training run saved in WORKDIR/config.json, and removes those named in `drop`
+  (to model a run made otherwise, or before a field existed)."""
   path = os.path.join(workdir, 'config.json')
   with open(path) as f:
     saved = json.load(f)
   saved['config'].update(fields)
+  for field in drop:
+    del saved['config'][field]
   with open(path, 'w') as f:
     json.dump(saved, f)
 
 
 @pytest.fixture(scope='session')
 def edit_saved_config():
-  """edit_saved_config(workdir, field=value, ...): rewrites those fields of WORKDIR/config.json."""
+  """edit_saved_config(workdir, drop=(field, ...), field=value, ...): rewrites WORKDIR/config.json."""
   return _edit_saved_config
 
 

@@ -1,6 +1,5 @@
 """Reliability: damaged checkpoints, the NaN guard, the bad-input matrix, no unsafe loading, one run per workdir
 (kill-anywhere resume: test_soak.py)."""
-import json
 import os
 import pathlib
 import re
@@ -203,11 +202,7 @@ def test_bad_input_matrix(case, call, message, workdirs, tmp_path, edit_saved_co
     edit_saved_config(tmp_path / 'stage1_copy', num_embeddings=16)
   if case.startswith('stage-2 run saved before'):   # a copy of the GAN whose saved config lacks the field
     shutil.copytree(workdirs['gan'], tmp_path / 'gan_copy')
-    with open(tmp_path / 'gan_copy' / 'config.json') as f:
-      saved = json.load(f)
-    del saved['config']['generator_final_convs']
-    with open(tmp_path / 'gan_copy' / 'config.json', 'w') as f:
-      json.dump(saved, f)
+    edit_saved_config(tmp_path / 'gan_copy', drop=('generator_final_convs',))
   before = {name: _snapshot(path) for name, path in workdirs.items()}
   with pytest.raises(UserError) as info:
     call(tmp_path, {name: pathlib.Path(path) for name, path in workdirs.items()})

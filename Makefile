@@ -40,7 +40,8 @@ bench: venv
 	$(PY) -m bench.data_pipeline
 	$(PY) -m bench.train_step
 	$(PY) -m bench.first_calls
-	$(PY) -m bench.train_gan_step
+	$(PY) -m bench.train_gan_step --sizes=seed
+	$(PY) -m bench.train_gan_step --sizes=demo
 	$(PY) -m bench.argmin
 	$(PY) -m bench.sample
 

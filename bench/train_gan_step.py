@@ -1,14 +1,14 @@
 """Stage-2 G+D train step: oasis_jax vs a PyTorch peer of the same models, and against this machine's GEMM peak.
 
-    python -m bench.train_gan_step [--sizes=seed,demo] [--rounds=5] [--conv_impls=xla,auto,auto+xla_transforms]
+    python -m bench.train_gan_step [--sizes=seed|demo] [--rounds=5] [--conv_impls=xla,auto,auto+xla_transforms]
         [--steps_per_call=1,4] [--batch_sizes=16,32] [--torch=eager,eager-channels_last]
 
 seed: the `default` GAN recipe over the `default` stage 1 (64x64 code maps, K=512, D=64, batch 64, widths 64); demo:
 the `demo` recipes (32x32 codes, K=64, D=16, batch 16, generator width 16, discriminator 32). Both with the logits
-head, minibatch std and R1 as configured. oasis_jax's real pmapped calls (1 device, config.steps_per_call steps each;
---batch_sizes for other global batches) vs bench/torch_dcgan.py eager and torch.compile, NCHW and channels-last, in
-alternating rounds; median images/s, the ratio, and useful FLOP/s (XLA's cost analysis of the step written with
-direct convolutions, conv_impl=xla) vs the fp32 GEMM peak.
+head, minibatch std and R1 as configured. oasis_jax's real pmapped calls (on config.cpu_devices XLA:CPU devices, or
+--cpu_devices; config.steps_per_call steps each; --batch_sizes for other global batches) vs bench/torch_dcgan.py
+eager and torch.compile, NCHW and channels-last, in alternating rounds; median images/s, the ratio, and useful
+FLOP/s (XLA's cost analysis of the step written with direct convolutions, conv_impl=xla) vs the fp32 GEMM peak.
 """
 import argparse
 import functools
@@ -29,15 +29,15 @@ def pmapped_step(config, stage1, with_r1=True):
   generator, discriminator = sampling.make_models(config, stage1, axis_name=parallel.AXIS)
   return jax.pmap(functools.partial(gan_trainer.train_step, config=config, generator=generator,
                                     discriminator=discriminator, with_r1=with_r1),
-                  axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None))
+                  axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None, None), devices=jax.devices()[:1])
 
 
 def model_flops(config, stage1, real_codes, codebook) -> float:
   """FLOPs of one G+D step written with direct convolutions (XLA's cost analysis, before compiling), averaged over
-  a lazy-R1 cycle (one step in config.r1_every has the penalty)."""
+  a lazy-R1 cycle (one step in config.r1_every has the penalty); the whole batch on one device."""
   config = config.copy_and_resolve_references()
   config.conv_impl = 'xla'
-  states = parallel.replicate(gan_trainer.create_states(config, stage1, jax.random.key(0)))
+  states = jax.tree.map(lambda x: np.asarray(x)[None], gan_trainer.create_states(config, stage1, jax.random.key(0)))
   flops = lambda with_r1: xla_flops(pmapped_step(config, stage1, with_r1).lower(
       states, real_codes[None], jax.random.key(1), codebook))
   if config.r1_every == 1:
@@ -51,7 +51,8 @@ def jax_runner(config, stage1, real_codes, codebook):
   calls = gan_trainer.train_calls(config, *sampling.make_models(config, stage1, axis_name=parallel.AXIS))
   per_call = config.steps_per_call
   holder = {'states': parallel.replicate(gan_trainer.create_states(config, stage1, jax.random.key(0))), 'step': 0}
-  codes = np.broadcast_to(real_codes, (1, per_call) + real_codes.shape)
+  split = real_codes.reshape((jax.local_device_count(), 1, -1) + real_codes.shape[1:])   # [devices, 1, per device..]
+  codes = np.broadcast_to(split, split.shape[:1] + (per_call,) + split.shape[2:])
   keys = jax.random.split(jax.random.key(1), per_call)
 
   def run(steps):
@@ -94,7 +95,7 @@ def torch_runner(config, stage1, real_codes, codebook, compiled, channels_last=F
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--sizes', default='seed,demo')
+  parser.add_argument('--sizes', default='seed')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--r1_every', default='', help="Lazy R1 intervals to time (config.r1_every), e.g. 1,16; "
                       "default: the recipe's. The PyTorch peers run the recipe's.")
@@ -108,6 +109,9 @@ def main():
   parser.add_argument('--batch_sizes', default='',
                       help="oasis_jax variants: global batch sizes (config.batch_size), e.g. 16,32; default: the "
                       "recipe's. The PyTorch peers run the recipe's")
+  parser.add_argument('--cpu_devices', type=int, default=-1,
+                      help="XLA:CPU devices oasis_jax splits the batch over (config.cpu_devices); default: the "
+                      "recipe's. One per process: a device of several runs slower than a process's only one")
   parser.add_argument('--torch', default='eager,compiled,eager-channels_last,compiled-channels_last',
                       help='PyTorch peers: MODE[-channels_last] (memory_format=torch.channels_last)')
   parser.add_argument('--conv_impls', default='xla,auto,auto+xla_transforms',
@@ -117,11 +121,17 @@ def main():
     mode, *layout = peer.split('-')
     if mode not in ('eager', 'compiled') or layout not in ([], ['channels_last']):
       parser.error(f'--torch: {peer!r} is not MODE[-channels_last] with MODE eager or compiled')
+  sizes = args.sizes.split(',')
+  recipes = {size: gan_configs.get_config('default' if size == 'seed' else size) for size in sizes}
+  devices = args.cpu_devices if args.cpu_devices >= 0 else {recipes[size].cpu_devices for size in sizes}
+  if not isinstance(devices, int) and len(devices) > 1:
+    parser.error(f'--sizes={args.sizes}: their recipes run on different numbers of CPU devices (config.cpu_devices); '
+                 f'run them one size at a time, or pass --cpu_devices')
+  jax.config.update('jax_num_cpu_devices', max(devices if isinstance(devices, int) else devices.pop(), 1))
   peak = machine_header()
   summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}
-  for size in args.sizes.split(','):
-    variant = 'default' if size == 'seed' else size
-    config, stage1 = gan_configs.get_config(variant), vqvae_configs.get_config(variant)
+  for size in sizes:
+    config, stage1 = recipes[size], vqvae_configs.get_config('default' if size == 'seed' else size)
     config.discriminator_input = args.discriminator_input or config.discriminator_input
     config.upsample = args.upsample or config.upsample
     s, k = sampling.code_size(stage1), stage1.num_embeddings
@@ -161,8 +171,8 @@ def main():
     medians = alternating_medians({name: functools.partial(run, steps) for name, run in runners.items()},
                                   args.rounds)
     print(f'\n{size}: {s}x{s} code maps, K={k}, D={stage1.embedding_dim}, batch {config.batch_size}, widths '
-          f'{config.generator_width}, {config.upsample} upsampling, discriminator on {config.discriminator_input}; '
-          f'{args.rounds} alternating rounds of {steps} steps')
+          f'{config.generator_width}, {config.upsample} upsampling, discriminator on {config.discriminator_input}, '
+          f'oasis_jax on {jax.local_device_count()} CPU device(s); {args.rounds} alternating rounds of {steps} steps')
     rates = {}
     for name, median in medians.items():
       rates[name] = batch_of[name] / median

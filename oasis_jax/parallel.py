@@ -1,9 +1,31 @@
-"""Device plumbing, in one place: the pmap axis name, replicate/unreplicate, process-0-only writes."""
+"""Device plumbing, in one place: the pmap axis name, CPU devices, replicate/unreplicate, process-0-only writes."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oasis_jax.errors import UserError
+
 AXIS = 'batch'  # the pmap axis over local devices (and, with jax.distributed, over processes)
+
+
+def use_cpu_devices(count: int, batch_size: int) -> None:
+  """Splits the pmapped steps' global batch over `count` XLA:CPU devices (config.cpu_devices; 0: JAX's default, one
+  or XLA_FLAGS' --xla_force_host_platform_device_count). Where one replica's layers are too small to keep a small
+  CPU's cores busy, replicas side by side fill them. Call before JAX starts (its first computation or device query);
+  later, JAX keeps the devices it has and this says so in one line. On GPU/TPU the CPU devices do not train."""
+  if count < 0:
+    raise UserError(f'config.cpu_devices={count}: expected a number of CPU devices >= 0 (0: JAX\'s default)')
+  if not count:
+    return
+  if batch_size % count:
+    raise UserError(f'config.batch_size={batch_size}: expected a multiple of config.cpu_devices ({count})')
+  try:
+    jax.config.update('jax_num_cpu_devices', count)
+  except RuntimeError:   # JAX already started (a notebook, a test): the same maths on the devices it has
+    have = len(jax.devices('cpu'))
+    if have != count:
+      print(f'config.cpu_devices={count}: JAX had already started with {have} CPU device(s); training on those',
+            flush=True)
 
 
 def replicate(tree):

@@ -64,8 +64,8 @@ def oasis_png_dir(tmp_path_factory):
   return root
 
 
-def _run_cli(*args, check=True):
-  result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+def _run_cli(*args, check=True, env=None):
+  result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   if check and result.returncode != 0:
     raise AssertionError(f'{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}')
   return result
@@ -73,8 +73,9 @@ def _run_cli(*args, check=True):
 
 @pytest.fixture(scope='session')
 def run_cli():
-  """run_cli('train_vqvae.py', '--flag', ..., check=True): runs a real CLI of the project in a fresh Python process
-  from the repository root; returns the CompletedProcess (stdout, stderr, returncode)."""
+  """run_cli('train_vqvae.py', '--flag', ..., check=True, env=None): runs a real CLI of the project in a fresh Python
+  process from the repository root (env: its environment, default this one's); returns the CompletedProcess (stdout,
+  stderr, returncode)."""
   return _run_cli
 
 

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -676,3 +677,14 @@ def test_train_gan_refuses_a_stage2_workdir_as_its_stage1(tmp_path, tiny_chain):
   config.vqvae_workdir = tiny_chain['gan']
   with pytest.raises(UserError, match='holds a gan run, expected a stage-1 \\(vqvae\\) workdir$'):
     gan_trainer.train_and_evaluate(config, str(tmp_path / 'g'))
+
+
+def test_cpu_devices_trains_on_that_many_xla_cpu_devices_as_the_xla_flag_does(tiny_chain, tmp_path, run_cli):
+  """config.cpu_devices=2 in a process started without XLA_FLAGS trains on 2 CPU devices, the very run the tiny
+  chain made with --xla_force_host_platform_device_count=2 (the same losses, to the last printed digit)."""
+  result = run_cli('train_gan.py', '--config=configs/gan.py:tiny', f'--workdir={tmp_path}/g',
+                   f'--config.vqvae_workdir={tiny_chain["stage1"]}', '--config.cpu_devices=2',
+                   env={name: value for name, value in os.environ.items() if name != 'XLA_FLAGS'})
+  assert 'global batch 8 on 2 device(s)' in result.stdout, result.stdout
+  losses = lambda log: [re.sub(r'\s+[\d.]+ steps/s.*', '', line) for line in log.splitlines() if ' train: ' in line]
+  assert losses(result.stdout) == losses(tiny_chain['gan_log']) and losses(result.stdout)

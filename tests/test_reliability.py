@@ -174,6 +174,10 @@ MATRIX = [
     ('stage-1 retrained under an old GAN (no copy of its stage 1)', lambda tmp, w: _sample(tmp / 'gan_copy', tmp / 's'),
      r'\S+: stage-1 num_embeddings=16, but this stage-2 run was trained with 32: train stage 2 again in '
      r'another --workdir'),
+    ('negative CPU devices', lambda tmp, w: _train_gan(tmp / 'a', w['vqvae'], cpu_devices=-1),
+     r"config.cpu_devices=-1: expected a number of CPU devices >= 0 \(0: JAX's default\)"),
+    ('batch not split evenly over the CPU devices', lambda tmp, w: _train_gan(tmp / 'a', w['vqvae'], cpu_devices=3),
+     r'config.batch_size=8: expected a multiple of config.cpu_devices \(3\)'),
     ('stage-2 model changed', lambda tmp, w: _train_gan(w['gan'], w['vqvae'], generator_width=4),
      r'config.generator_width=4 differs from 8 of the run in \S+: use another --workdir to start a new run'),
     ('stage-2 run saved before its generator had final convs', lambda tmp, w: _train_gan(tmp / 'gan_copy', w['vqvae'],

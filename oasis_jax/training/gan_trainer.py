@@ -311,6 +311,7 @@ def r1_pattern(config, first: int, last: int) -> tuple:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains stage 2 in workdir (resuming from its latest checkpoint); returns the last train-metrics summary."""
+  parallel.use_cpu_devices(config.get('cpu_devices', 0), config.batch_size)   # before JAX starts
   phases = timing.Phases()
   with phases('setup'):
     stage1_run = stage1.load(config.vqvae_workdir)

@@ -240,17 +240,20 @@ def test_two_device_gan_step_equals_one_device_step(overrides):
 
 def test_code_histogram_term_has_the_gradient_of_the_kl_over_the_global_batch():
   """KL(p_real || mean softmax) over all rows, in float64 NumPy with a finite-difference gradient, against the
-  term's value and gradient on 1 device and on 2 devices (the halves' gradients averaged, as pmean does)."""
+  term's gradient on 1 device and on 2 devices (the halves' gradients averaged, as pmean does); its logged value is
+  that KL as metrics.code_histogram_kl smooths it (both histograms + 1e-6, renormalised)."""
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(4, 3, 3, 5)) * 2
   counts = np.array([10., 0., 5., 20., 1.])
   p_real = counts / counts.sum()
 
-  def kl(x):
+  def kl(x, epsilon=0.0):
     e = np.exp(x - x.max(-1, keepdims=True))
-    p_fake = (e / e.sum(-1, keepdims=True)).reshape(-1, 5).mean(0)
-    mask = p_real > 0
-    return np.sum(p_real[mask] * np.log(p_real[mask] / p_fake[mask]))
+    p = p_real + epsilon
+    q = (e / e.sum(-1, keepdims=True)).reshape(-1, 5).mean(0) + epsilon
+    p, q = p / p.sum(), q / q.sum()
+    mask = p > 0
+    return np.sum(p[mask] * np.log(p[mask] / q[mask]))
   expected = np.zeros_like(logits)
   for index in np.ndindex(logits.shape):
     step = np.zeros_like(logits)
@@ -261,7 +264,7 @@ def test_code_histogram_term_has_the_gradient_of_the_kl_over_the_global_batch():
     term = lambda x: gan_trainer.code_histogram_term(x, jnp.asarray(counts, jnp.float32), 2.0)
     grads, values = jax.pmap(lambda x: (jax.grad(lambda y: term(y)[0])(x), term(x)[1]), axis_name=parallel.AXIS,
                              devices=devices)(jnp.asarray(logits, jnp.float32).reshape(n, 4 // n, 3, 3, 5))
-    np.testing.assert_allclose(values, kl(logits), rtol=1e-5)
+    np.testing.assert_allclose(values, kl(logits, 1e-6), rtol=1e-5)
     # pmean of the devices' gradients: each device's rows get its gradient / n
     np.testing.assert_allclose(np.asarray(grads).reshape(logits.shape) / n, 2.0 * expected, rtol=1e-3, atol=1e-6)
 
@@ -493,7 +496,11 @@ def test_gan_config_errors_name_the_field():
   config.generator_final_convs, config.code_histogram_weight = 0, -1.0
   with pytest.raises(UserError, match=r'^config.code_histogram_weight=-1.0: expected a number >= 0$'):
     gan_trainer.check_config(config, stage1)
-  config.code_histogram_weight, config.conv_impl = 0.0, 'fft'
+  config.code_histogram_weight, config.head = 1.0, 'latent'
+  with pytest.raises(UserError, match=r"^config.code_histogram_weight=1.0: needs config.head=logits \(head 'latent' "
+                                      r"has no code probabilities to match\)$"):
+    gan_trainer.check_config(config, stage1)
+  config.code_histogram_weight, config.head, config.conv_impl = 0.0, 'logits', 'fft'
   with pytest.raises(UserError, match=r"^config.conv_impl='fft': expected one of xla, im2col, winograd, taps, auto$"):
     gan_trainer.check_config(config, stage1)
 

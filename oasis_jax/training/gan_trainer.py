@@ -97,6 +97,9 @@ def check_config(config, stage1_config) -> None:
     raise UserError(f'config.generator_final_convs={config.generator_final_convs}: expected a number >= 0')
   if config.get('code_histogram_weight', 0.0) < 0:
     raise UserError(f'config.code_histogram_weight={config.code_histogram_weight}: expected a number >= 0')
+  if config.get('code_histogram_weight', 0.0) and config.head != 'logits':
+    raise UserError(f'config.code_histogram_weight={config.code_histogram_weight}: needs config.head=logits (head '
+                    f'{config.head!r} has no code probabilities to match)')
   if not 0 <= config.generator_ema < 1:
     raise UserError(f'config.generator_ema={config.generator_ema}: expected a value in [0, 1)')
   per_device = config.batch_size // max(jax.device_count(), 1)
@@ -171,15 +174,13 @@ def code_histogram_term(logits, real_counts, weight: float):
   batch (real_counts [K], psum-ed), p_fake the generator's expected one, its softmax(logits [n, s, s, K]) averaged
   over the global batch's positions. Returns (term, kl): a term whose gradient is that KL's (its coefficients
   -p_real / p_fake held at the global p_fake, times this device's average, whose gradients pmean averages), so a
-  step is the same on 1 device or on many; kl its value."""
+  step is the same on 1 device or on many; kl its value (metrics.code_histogram_kl)."""
   probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   local = jnp.mean(probabilities.reshape(-1, probabilities.shape[-1]), axis=0)
   p_fake = jax.lax.pmean(jax.lax.stop_gradient(local), parallel.AXIS)
   p_real = real_counts / jnp.sum(real_counts)
   coefficients = jax.lax.stop_gradient(-p_real / jnp.maximum(p_fake, 1e-12))
-  ratio = jnp.maximum(p_real, 1e-12) / jnp.maximum(p_fake, 1e-12)
-  kl = jnp.sum(jnp.where(p_real > 0, p_real * jnp.log(ratio), 0.0))
-  return weight * jnp.sum(coefficients * local), kl
+  return weight * jnp.sum(coefficients * local), metrics.code_histogram_kl(real_counts, p_fake)
 
 
 def discriminator_loss(real_logits, fake_logits, kind: str):
@@ -214,7 +215,7 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
                            config.get('augment_translation', 0.125))
 
   real_counts = jax.lax.psum(jnp.bincount(real_codes.reshape(-1), length=k), parallel.AXIS)
-  histogram_weight = config.get('code_histogram_weight', 0.0) if config.head == 'logits' else 0.0
+  histogram_weight = config.get('code_histogram_weight', 0.0)
 
   def generate(g_params):
     z_key, gumbel_key = jax.random.split(g_key)

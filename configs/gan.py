@@ -45,6 +45,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   # Head 'logits': weight of KL(the real codes' histogram || the generator's expected one) in the generator's loss,
   # over the global batch (0 = off): codes the discriminator cannot tell from near ones are not dropped.
   config.code_histogram_weight = 0.0
+  config.code_histogram_scope = 'global'  # or 'position': the KL at each code-map position, averaged over them
   # DiffAugment (Zhao et al. 2020) of what the discriminator sees, real and generated alike: '' (none) or a
   # comma-separated subset of 'translation' (by up to augment_translation x the map's side) and 'cutout'.
   config.augment = ''

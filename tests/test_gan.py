@@ -205,6 +205,7 @@ def _with_sgd(states):
     {'spectral_norm': True, 'r1_gamma': 1.0},
     {'gumbel_scale': 0.0, 'r1_gamma': 1.0},
     {'code_histogram_weight': 3.0},
+    {'code_histogram_weight': 3.0, 'code_histogram_scope': 'position'},
     {'generator_final_convs': 1},
 ])
 def test_two_device_gan_step_equals_one_device_step(overrides):
@@ -238,27 +239,31 @@ def test_two_device_gan_step_equals_one_device_step(overrides):
     assert float(one_metrics['histogram_kl'][0]) > 0.01
 
 
-def test_code_histogram_term_has_the_gradient_of_the_kl_over_the_global_batch():
-  """KL(p_real || mean softmax) over all rows, in float64 NumPy with a finite-difference gradient, against the
-  term's gradient on 1 device and on 2 devices (the halves' gradients averaged, as pmean does); its logged value is
-  that KL as metrics.code_histogram_kl smooths it (both histograms + 1e-6, renormalised)."""
+@pytest.mark.parametrize('per_position', [False, True])
+def test_code_histogram_term_has_the_gradient_of_the_kl_over_the_global_batch(per_position):
+  """KL(p_real || mean softmax) over all rows (per_position: at each of the 3x3 positions, averaged over them), in
+  float64 NumPy with a finite-difference gradient, against the term's gradient on 1 device and on 2 devices (the
+  halves' gradients averaged, as pmean does); its logged value is that KL as metrics.code_histogram_kl smooths it
+  (both normalised histograms + 1e-6, renormalised)."""
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(4, 3, 3, 5)) * 2
-  counts = np.array([10., 0., 5., 20., 1.])
-  p_real = counts / counts.sum()
+  counts = rng.integers(0, 4, (3, 3, 5)).astype(float) if per_position else np.array([10., 0., 5., 20., 1.])
+  counts.reshape(-1, 5)[:, 0] += 1   # no empty histogram
 
   def kl(x, epsilon=0.0):
     e = np.exp(x - x.max(-1, keepdims=True))
-    p = p_real + epsilon
-    q = (e / e.sum(-1, keepdims=True)).reshape(-1, 5).mean(0) + epsilon
-    p, q = p / p.sum(), q / q.sum()
-    mask = p > 0
-    return np.sum(p[mask] * np.log(p[mask] / q[mask]))
+    q = (e / e.sum(-1, keepdims=True)).reshape(4, -1, 5).mean(0) if per_position else \
+        (e / e.sum(-1, keepdims=True)).reshape(-1, 5).mean(0, keepdims=True)
+    p = counts.reshape(-1, 5) / counts.reshape(-1, 5).sum(-1, keepdims=True)
+    p, q = p + epsilon, q + epsilon
+    p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
+    return np.mean(np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1) / q), 0.0), axis=-1))
   expected = np.zeros_like(logits)
   for index in np.ndindex(logits.shape):
     step = np.zeros_like(logits)
     step[index] = 1e-6
     expected[index] = (kl(logits + step) - kl(logits - step)) / 2e-6
+  assert np.abs(expected).max() > 1e-3
   for devices in (jax.local_devices()[:1], jax.local_devices()[:2]):
     n = len(devices)
     term = lambda x: gan_trainer.code_histogram_term(x, jnp.asarray(counts, jnp.float32), 2.0)
@@ -500,7 +505,10 @@ def test_gan_config_errors_name_the_field():
   with pytest.raises(UserError, match=r"^config.code_histogram_weight=1.0: needs config.head=logits \(head 'latent' "
                                       r"has no code probabilities to match\)$"):
     gan_trainer.check_config(config, stage1)
-  config.code_histogram_weight, config.head, config.conv_impl = 0.0, 'logits', 'fft'
+  config.head, config.code_histogram_scope = 'logits', 'row'
+  with pytest.raises(UserError, match=r"^config.code_histogram_scope='row': expected global or position$"):
+    gan_trainer.check_config(config, stage1)
+  config.code_histogram_weight, config.code_histogram_scope, config.conv_impl = 0.0, 'global', 'fft'
   with pytest.raises(UserError, match=r"^config.conv_impl='fft': expected one of xla, im2col, winograd, taps, auto$"):
     gan_trainer.check_config(config, stage1)
 

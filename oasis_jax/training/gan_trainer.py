@@ -9,6 +9,7 @@ scored against validation slices (sliced Wasserstein distance, MS-SSIM diversity
 checkpoint with the lowest SWD, which sample.py and evaluate use.
 """
 import functools
+import math
 import os
 from typing import Any
 
@@ -97,6 +98,7 @@ def check_config(config, stage1_config) -> None:
     raise UserError(f'config.generator_final_convs={config.generator_final_convs}: expected a number >= 0')
   if config.get('code_histogram_weight', 0.0) < 0:
     raise UserError(f'config.code_histogram_weight={config.code_histogram_weight}: expected a number >= 0')
+  check_choice(config, 'code_histogram_scope', ('global', 'position'), 'global')
   if config.get('code_histogram_weight', 0.0) and config.head != 'logits':
     raise UserError(f'config.code_histogram_weight={config.code_histogram_weight}: needs config.head=logits (head '
                     f'{config.head!r} has no code probabilities to match)')
@@ -172,15 +174,21 @@ def generated_codes(outputs, codebook, config, gumbel_noise):
 def code_histogram_term(logits, real_counts, weight: float):
   """weight x KL(p_real || p_fake) as the generator sees it: p_real the real code maps' histogram over the global
   batch (real_counts [K], psum-ed), p_fake the generator's expected one, its softmax(logits [n, s, s, K]) averaged
-  over the global batch's positions. Returns (term, kl): a term whose gradient is that KL's (its coefficients
-  -p_real / p_fake held at the global p_fake, times this device's average, whose gradients pmean averages), so a
-  step is the same on 1 device or on many; kl its value (metrics.code_histogram_kl)."""
+  over the global batch's positions; with real_counts [s, s, K], one histogram per code-map position, the KL at each
+  position (p_fake averaged over the batch there), averaged over the positions. Returns (term, kl): a term whose
+  gradient is that KL's (its coefficients -p_real / p_fake held at the global p_fake, times this device's average,
+  whose gradients pmean averages), so a step is the same on 1 device or on many; kl its value
+  (metrics.code_histogram_kl)."""
+  k = logits.shape[-1]
   probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  local = jnp.mean(probabilities.reshape(-1, probabilities.shape[-1]), axis=0)
+  positions = math.prod(real_counts.shape[:-1])   # one, or s * s
+  local = jnp.mean(probabilities.reshape(-1, positions, k), axis=0)   # [positions, K]
+  real_counts = real_counts.reshape(-1, k)
   p_fake = jax.lax.pmean(jax.lax.stop_gradient(local), parallel.AXIS)
-  p_real = real_counts / jnp.sum(real_counts)
+  p_real = real_counts / jnp.sum(real_counts, axis=-1, keepdims=True)
   coefficients = jax.lax.stop_gradient(-p_real / jnp.maximum(p_fake, 1e-12))
-  return weight * jnp.sum(coefficients * local), metrics.code_histogram_kl(real_counts, p_fake)
+  kl = jnp.mean(jax.vmap(metrics.code_histogram_kl)(real_counts, p_fake))
+  return weight * jnp.sum(coefficients * local) / local.shape[0], kl
 
 
 def discriminator_loss(real_logits, fake_logits, kind: str):
@@ -216,6 +224,10 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
 
   real_counts = jax.lax.psum(jnp.bincount(real_codes.reshape(-1), length=k), parallel.AXIS)
   histogram_weight = config.get('code_histogram_weight', 0.0)
+  if histogram_weight and config.get('code_histogram_scope', 'global') == 'position':   # [s, s, K]
+    histograms = jax.lax.psum(jnp.sum(jax.nn.one_hot(real_codes, k, dtype=jnp.float32), axis=0), parallel.AXIS)
+  else:
+    histograms = real_counts
 
   def generate(g_params):
     z_key, gumbel_key = jax.random.split(g_key)
@@ -227,7 +239,7 @@ def train_step(states, real_codes, key, codebook, *, config, generator, discrimi
     fake, codes, penalty = generated_codes(outputs, codebook, config, gumbel)
     histogram_kl = 0.0
     if histogram_weight:
-      term, histogram_kl = code_histogram_term(outputs, real_counts, histogram_weight)
+      term, histogram_kl = code_histogram_term(outputs, histograms, histogram_weight)
       penalty = penalty + term
     return (fake, jnp.asarray(penalty, fake.dtype)), (codes, updates['batch_stats'], histogram_kl)
 

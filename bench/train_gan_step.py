@@ -123,11 +123,11 @@ def main():
       parser.error(f'--torch: {peer!r} is not MODE[-channels_last] with MODE eager or compiled')
   sizes = args.sizes.split(',')
   recipes = {size: gan_configs.get_config('default' if size == 'seed' else size) for size in sizes}
-  devices = args.cpu_devices if args.cpu_devices >= 0 else {recipes[size].cpu_devices for size in sizes}
-  if not isinstance(devices, int) and len(devices) > 1:
+  counts = {args.cpu_devices} if args.cpu_devices >= 0 else {recipes[size].cpu_devices for size in sizes}
+  if len(counts) > 1:
     parser.error(f'--sizes={args.sizes}: their recipes run on different numbers of CPU devices (config.cpu_devices); '
                  f'run them one size at a time, or pass --cpu_devices')
-  jax.config.update('jax_num_cpu_devices', max(devices if isinstance(devices, int) else devices.pop(), 1))
+  jax.config.update('jax_num_cpu_devices', max(counts.pop(), 1))
   peak = machine_header()
   summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}
   for size in sizes:

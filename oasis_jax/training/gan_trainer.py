@@ -188,7 +188,7 @@ def code_histogram_term(logits, real_counts, weight: float):
   p_real = real_counts / jnp.sum(real_counts, axis=-1, keepdims=True)
   coefficients = jax.lax.stop_gradient(-p_real / jnp.maximum(p_fake, 1e-12))
   kl = jnp.mean(jax.vmap(metrics.code_histogram_kl)(real_counts, p_fake))
-  return weight * jnp.sum(coefficients * local) / local.shape[0], kl
+  return weight * jnp.sum(coefficients * local) / positions, kl
 
 
 def discriminator_loss(real_logits, fake_logits, kind: str):

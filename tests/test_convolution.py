@@ -75,6 +75,19 @@ def test_taps_equals_direct_convolution_and_its_gradients(size, cin, cout):
   np.testing.assert_array_equal(convolution.conv(x, w4, 2, 'taps'), convolution.conv(x, w4, 2, 'xla'))
 
 
+def test_taps_gradients_are_bit_identical_through_the_fusion_boundary():
+  """taps3x3 passes its cotangent through a product with the identity (so that XLA:CPU computes it once): exact."""
+  x = jax.random.normal(jax.random.key(13), (2, 12, 12, 16))
+  w = jax.random.normal(jax.random.key(14), (3, 3, 16, 4)) / 12
+  target = jax.random.uniform(jax.random.key(15), (2, 12, 12, 4))
+
+  def loss(conv):   # an elementwise chain before the layer's cotangent, as the SSIM term's
+    return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.clip(conv(x, w), 0, 1) / (target + 0.1) ** 2), (0, 1)))
+  for a, b in zip(loss(convolution.taps3x3)(x, w), loss(convolution._taps3x3)(x, w)):
+    assert jnp.any(b != 0)
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize('kernel, stride', [(3, 1), (4, 2)])
 def test_winograd_second_derivatives_match_for_the_r1_penalty(kernel, stride):
   """Stage 2's R1 penalty differentiates a gradient: through Winograd's custom transpose that must match XLA's."""

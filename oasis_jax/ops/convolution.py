@@ -152,11 +152,34 @@ def winograd3x3(x, kernel, native: bool | None = None):
 def taps3x3(x, kernel):
   """SAME 3x3 stride-1 convolution of x [N, H, W, C] with kernel [3, 3, C, O] as one GEMM to the 9 taps' outputs
   [N, H, W, 3, 3, O] and a sum of their shifted slices: y[h, w] = sum_ij z[h + i - 1, w + j - 1, i, j]."""
+  return cotangent_computed_once(_taps3x3(x, kernel))
+
+
+def _taps3x3(x, kernel):
   n, h, w, c = x.shape
   o = kernel.shape[-1]
   z = (x.reshape(-1, c) @ kernel.transpose(2, 0, 1, 3).reshape(c, 9 * o)).reshape(n, h, w, 3, 3, o)
   z = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
   return sum(z[:, i:i + h, j:j + w, i, j] for i in range(3) for j in range(3))
+
+
+@jax.custom_vjp
+def cotangent_computed_once(y):
+  """The identity, whose cotangent passes through a matrix product with the identity matrix: exact, so gradients
+  stay bit-identical, and a fusion boundary on XLA:CPU. The taps form's gradient reads each pixel's cotangent nine
+  times (once per tap), and XLA fuses the elementwise ops that produce the cotangent into those reads: after the
+  demo decoder's last layer that is the loss's gradient chain (the SSIM term's, the clip, the depth-to-space),
+  evaluated nine times per pixel, 12 ms of a 70 ms demo stage-1 step. Through the product it is evaluated once."""
+  return y
+
+
+def _cotangent_computed_once_bwd(_, g):
+  channels = g.shape[-1]
+  eye = jnp.eye(channels, dtype=g.dtype)
+  return (jnp.matmul(g.reshape(-1, channels), eye, precision=jax.lax.Precision.HIGHEST).reshape(g.shape),)
+
+
+cotangent_computed_once.defvjp(lambda y: (y, None), _cotangent_computed_once_bwd)
 
 
 def space_to_depth(x, block: int = 2):

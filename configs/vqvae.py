@@ -46,6 +46,11 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.lr_schedule = 'constant'  # or 'cosine': linear warm-up, then cosine decay to 1 %
   config.num_epochs = 4
   config.num_train_steps = -1    # > 0 overrides num_epochs
+  # Then decoder_steps more steps train the decoder alone (0 = none), from the best checkpoint of the joint steps, on
+  # the codes of its frozen encoder and codebook: reconstructions sharpen while the code maps stage 2 learns stay as
+  # they are. Its own schedule (lr_schedule over these steps), at decoder_learning_rate (0 = learning_rate).
+  config.decoder_steps = 0
+  config.decoder_learning_rate = 0.0
   # Train steps per compiled call (unrolled; a call ends early at a step that logs, evaluates or saves): XLA:CPU
   # page-faults a call's temporary buffers afresh each call, so steps sharing a call run faster, at the cost of a
   # longer first compile.
@@ -73,6 +78,8 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.learning_rate = 2e-3
     config.num_epochs = 0
     config.num_train_steps = 1000
+    config.decoder_steps = 1000    # sharper reconstructions from the same code maps (README, "Results")
+    config.decoder_learning_rate = 1e-3
     config.log_every_steps = 50
     config.eval_every_steps = 200
     config.checkpoint_every_steps = 100

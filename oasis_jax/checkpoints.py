@@ -56,7 +56,7 @@ def read_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
 
 
 # Model fields added after runs were saved without them, and the value those runs were built with.
-ADDED_FIELDS = {'generator_final_convs': 0}
+ADDED_FIELDS = {'generator_final_convs': 0, 'decoder_steps': 0}
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict, stage: str,

@@ -183,6 +183,90 @@ def test_two_device_step_equals_one_device_step(tiny_batch, conv_impl, clip_marg
     assert 0.1 < float(jnp.mean(forgiven & (tiny_batch == 0)))
 
 
+@pytest.mark.parametrize('devices', [1, 2])
+def test_decoder_step_moves_the_decoder_as_the_joint_step_and_nothing_else(tiny_batch, devices):
+  """A decoder-phase step (config.decoder_steps) differentiates the same loss for the decoder alone: from the same
+  state its decoder update is the joint step's (Adam is per parameter), on one device or two; the encoder's
+  parameters and the codebook state stay as they were, to the bit."""
+  config = vqvae_configs.get_config('tiny')
+  config.decoder_steps = 5
+  state = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(0)))
+  key = jax.random.key(7)
+
+  def run(decoder_only, count):
+    p_step = jax.pmap(functools.partial(vqvae_trainer.train_step, config=config, data_variance=0.08,
+                                        decoder_only=decoder_only),
+                      axis_name=parallel.AXIS, in_axes=(0, 0, None), devices=jax.local_devices()[:count])
+    replicated = jax.tree.map(lambda x: np.broadcast_to(x, (count,) + np.shape(x)), state)
+    new_state, step_metrics = p_step(replicated, tiny_batch.reshape((count, -1) + tiny_batch.shape[1:]), key)
+    return jax.tree.map(lambda x: x[0], jax.device_get(new_state)), jax.device_get(step_metrics)
+
+  joint, joint_metrics = run(False, 1)
+  decoder, decoder_metrics = run(True, devices)
+  assert int(joint_metrics['restarted'][0]) > 0   # the joint step changed the codebook; the decoder step must not
+  for a, b in zip(jax.tree.leaves((state.vq, state.params['encoder'])),
+                  jax.tree.leaves((decoder.vq, decoder.params['encoder']))):
+    np.testing.assert_array_equal(a, b)
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(state.params['decoder']),
+                                                jax.tree.leaves(decoder.params['decoder']))]
+  assert min(moved) > 0
+  for a, b in zip(jax.tree.leaves(joint.params['decoder']), jax.tree.leaves(decoder.params['decoder'])):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(decoder_metrics['loss'][0], joint_metrics['loss'][0], rtol=1e-5)
+  assert int(decoder.step) == int(joint.step) == 1
+
+
+def test_decoder_phase_has_its_own_schedule():
+  """The rate: the joint steps' cosine schedule, then the decoder phase's own warm-up and cosine at
+  config.decoder_learning_rate (values by hand: warm-up over 2 % of each phase's steps)."""
+  config = vqvae_configs.get_config('tiny')
+  config.update(lr_schedule='cosine', learning_rate=1e-3, decoder_steps=100, decoder_learning_rate=4e-3)
+  rates = vqvae_trainer.schedule(config, joint_steps=200)
+  np.testing.assert_allclose([rates(0), rates(2), rates(4), rates(200), rates(201), rates(202), rates(251)],
+                             [0.0, 0.5e-3, 1e-3, 0.0, 2e-3, 4e-3, 4e-3 * (0.01 + 0.99 * 0.5)], rtol=1e-5, atol=1e-9)
+  config.decoder_steps = 0
+  np.testing.assert_allclose(vqvae_trainer.schedule(config, joint_steps=200)(300), 1e-5)   # no phase: the end
+
+
+def test_decoder_phase_hands_stage_2_the_codes_of_the_run_without_it(tmp_path, cache_dir):
+  """A run with config.decoder_steps ends with the encoder and codebook of the same run without the phase (its best
+  checkpoint, what stage 2 would take), to the bit, so stage 2 learns the same code maps; the reconstructions improve.
+  The joint steps end at step 12, inside a call of 5 steps (calls end where the phase begins)."""
+  config = vqvae_configs.get_config('tiny')
+  config.update(cache_dir=cache_dir, num_train_steps=12, eval_every_steps=6, checkpoint_every_steps=10,
+                log_every_steps=10)
+  without = vqvae_trainer.train_and_evaluate(config, str(tmp_path / 'without'))
+  config.decoder_steps = 12
+  with_phase = vqvae_trainer.train_and_evaluate(config, str(tmp_path / 'with'))
+  _, joint, _ = stage1.load(str(tmp_path / 'without'))
+  _, end, _ = stage1.load(str(tmp_path / 'with'))
+  for a, b in zip(jax.tree.leaves((joint['vq'], joint['params']['encoder'])),
+                  jax.tree.leaves((end['vq'], end['params']['encoder']))):
+    np.testing.assert_array_equal(a, b)
+  assert with_phase['psnr'] > without['psnr'] + 0.5, (with_phase, without)
+
+
+def test_decoder_phase_starts_from_the_best_checkpoint(tmp_path):
+  """from_best_checkpoint: the parameters and codebook of WORKDIR/best/ (not the live state's), with the live step
+  count and Adam state; without a best checkpoint, the live state."""
+  config = vqvae_configs.get_config('tiny')
+  live = vqvae_trainer.create_state(config, jax.random.key(0))
+  best = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(1)))
+  live = jax.device_get(live.replace(step=40))
+  workdir = str(tmp_path)
+  assert vqvae_trainer.from_best_checkpoint(parallel.replicate(live), workdir).step[0] == 40   # no best yet
+  store = checkpoints.Checkpoints(workdir, best_metric='psnr')
+  store.save(10, best.replace(step=10), {'position': 0}, {'psnr': 20.0})
+  store.close()
+  started = parallel.unreplicate(vqvae_trainer.from_best_checkpoint(parallel.replicate(live), workdir))
+  assert int(started.step) == 40
+  for a, b in zip(jax.tree.leaves((best.params, best.vq)), jax.tree.leaves((started.params, started.vq))):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(live.opt_state), jax.tree.leaves(started.opt_state)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(live.params['encoder']['Conv_0']['kernel'], best.params['encoder']['Conv_0']['kernel'])
+
+
 def test_steps_per_call_equal_single_steps(tiny_batch):
   """train_steps (several steps unrolled in one call) gives the state and per-step metrics of as many train_step
   calls, up to float rounding (XLA fuses the unrolled steps differently)."""
@@ -251,6 +335,7 @@ def test_steps_in_call_end_at_logs_evaluations_checkpoints_and_the_last_step():
     step += count
   assert calls == [4, 2, 3, 3, 2]   # steps 1-4, 5-6 (log), 7-9 (save), 10-12 (log), 13-14 (end)
   assert loop.Cadence(6, 100, 9, 1).steps_in_call(1, 14) == 1
+  assert loop.Cadence(6, 100, 9, 4, ends=(11,)).steps_in_call(10, 14) == 2   # steps 10-11: a phase ends at 11
 
 
 def test_bfloat16_compute_keeps_float32_state_and_tracks_the_float32_step(tiny_batch):

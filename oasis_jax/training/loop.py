@@ -22,20 +22,22 @@ from oasis_jax.training import progress
 
 @dataclasses.dataclass(frozen=True)
 class Cadence:
-  """Every how many steps the loop logs, evaluates and checkpoints; how many steps one compiled call may run."""
+  """Every how many steps the loop logs, evaluates and checkpoints; how many steps one compiled call may run; the
+  steps at which a call must end besides (`ends`: where a stage's training changes phase)."""
   log_every: int
   eval_every: int
   checkpoint_every: int
   steps_per_call: int = 1
+  ends: tuple[int, ...] = ()
 
   def steps_in_call(self, first: int, total_steps: int) -> int:
     """How many steps the call starting at step `first` runs: up to steps_per_call, ending at the first step that
-    logs, evaluates, checkpoints or ends the run (so a killed run resumes at a call boundary of the uninterrupted
-    one)."""
+    logs, evaluates, checkpoints, ends a phase or ends the run (so a killed run resumes at a call boundary of the
+    uninterrupted one)."""
     for count in range(1, self.steps_per_call):
       last = first + count - 1
-      if last == total_steps or any(last % every == 0
-                                    for every in (self.log_every, self.eval_every, self.checkpoint_every)):
+      if last == total_steps or last in self.ends or any(
+          last % every == 0 for every in (self.log_every, self.eval_every, self.checkpoint_every)):
         return count
     return min(self.steps_per_call, total_steps - first + 1)
 

@@ -20,7 +20,7 @@ MODEL_FIELDS = ('image_size', 'num_hiddens', 'num_residual_layers', 'num_residua
                 'num_embeddings', 'num_downsamples', 'upsample')
 EVENT_INTERVALS = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
 # What a resumed run must share with the run in its workdir.
-MUST_MATCH = MODEL_FIELDS + ('dataset', 'batch_size', 'seed', 'lr_schedule')
+MUST_MATCH = MODEL_FIELDS + ('dataset', 'batch_size', 'seed', 'lr_schedule', 'decoder_steps')
 
 
 class TrainState(train_state.TrainState):
@@ -52,26 +52,40 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for field in ('steps_per_call',) + EVENT_INTERVALS:
     if config[field] <= 0:
       raise UserError(f'config.{field}={config[field]}: expected a positive number')
+  for field in ('decoder_steps', 'decoder_learning_rate'):
+    if config[field] < 0:
+      raise UserError(f'config.{field}={config[field]}: expected a number >= 0 (0: no decoder phase, or for the '
+                      f'rate config.learning_rate)')
 
 
-def learning_rate(config, total_steps: int):
-  """config.lr_schedule: 'constant' (Adam 1e-3 in the default recipe) or 'cosine' (linear warm-up over the first 2 % of the
-  steps, then cosine decay to 1 % of config.learning_rate at total_steps)."""
+def learning_rate(config, total_steps: int, rate: float = 0.0):
+  """config.lr_schedule at `rate` (0: config.learning_rate): 'constant' (Adam 1e-3 in the default recipe) or 'cosine'
+  (linear warm-up over the first 2 % of the steps, then cosine decay to 1 % of the rate at total_steps)."""
+  rate = rate or config.learning_rate
   if config.lr_schedule == 'constant':
-    return config.learning_rate
-  return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(1, total_steps // 50), total_steps,
-                                            config.learning_rate * 0.01)
+    return rate
+  return optax.warmup_cosine_decay_schedule(0.0, rate, max(1, total_steps // 50), total_steps, rate * 0.01)
 
 
-def create_state(config, key, total_steps: int = 0) -> TrainState:
+def schedule(config, joint_steps: int):
+  """The rate at each step: the joint steps' schedule, then (config.decoder_steps > 0) the decoder phase's own."""
+  joint = learning_rate(config, joint_steps)
+  if not config.decoder_steps:
+    return joint
+  decoder = learning_rate(config, config.decoder_steps, config.decoder_learning_rate)
+  as_function = lambda rate: rate if callable(rate) else optax.constant_schedule(rate)
+  return optax.join_schedules([as_function(joint), as_function(decoder)], [joint_steps])
+
+
+def create_state(config, key, joint_steps: int = 0) -> TrainState:
   """The initial state: model parameters, codebook state and Adam state (one compiled computation)."""
   model = stage1.model_from_config(config)
-  schedule = learning_rate(config, total_steps or max(config.num_train_steps, 1))
+  rates = schedule(config, joint_steps or max(config.num_train_steps, 1))
 
   def create(key):
     variables = model.init(key, jnp.zeros((1, config.image_size, config.image_size, 1), jnp.float32))
     return TrainState.create(apply_fn=model.apply, params=variables['params'], vq=variables[vqvae.VQ],
-                             tx=optax.adam(schedule))
+                             tx=optax.adam(rates))
   return jax.jit(create)(key)
 
 
@@ -102,36 +116,59 @@ def image_loss(reconstruction, batch, config, data_variance: float):
   return loss
 
 
-def train_step(state: TrainState, batch, key, *, config, data_variance: float):
-  """One step on this device's shard of the global batch; gradients are pmean-ed and code statistics psum-ed."""
+def train_step(state: TrainState, batch, key, *, config, data_variance: float, decoder_only: bool = False):
+  """One step on this device's shard of the global batch; gradients are pmean-ed and code statistics psum-ed.
 
-  def loss_fn(params):
+  decoder_only (the decoder phase, config.decoder_steps): the same loss differentiated for the decoder's parameters
+  alone; the encoder's and the codebook stay as they are, and so do the codes."""
+
+  def loss_fn(trainable):
+    params = {**state.params, 'decoder': trainable} if decoder_only else trainable
     reconstruction, z, quantized, codes = state.apply_fn({'params': params, vqvae.VQ: state.vq}, batch)
     reconstruction_loss = image_loss(reconstruction, batch, config, data_variance)
     commitment_loss = jnp.mean((z - jax.lax.stop_gradient(quantized)) ** 2)
     return reconstruction_loss + config.commitment_cost * commitment_loss, (reconstruction_loss, commitment_loss, z, codes)
 
+  trainable = state.params['decoder'] if decoder_only else state.params
   (loss, (reconstruction_loss, commitment_loss, z, codes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+      trainable)
   grads = jax.lax.pmean(grads, parallel.AXIS)
   vectors = z.reshape(-1, z.shape[-1])
   counts, sums = vqvae.code_statistics(codes.reshape(-1), vectors, config.num_embeddings)
   counts, sums = jax.lax.psum((counts, sums), parallel.AXIS)
-  vq = vqvae.ema_update(state.vq, counts, sums, config.ema_decay, config.ema_epsilon)
-  candidates = parallel.global_row_sample(vectors, key, config.num_embeddings)
-  vq, restarted = vqvae.restart_dead_codes(vq, candidates, config.ema_decay, config.dead_code_fraction)
-  state = state.apply_gradients(grads=grads).replace(vq=vq)
+  if decoder_only:
+    # Adam's momentum would still move the encoder under zero gradients: keep its parameters as they are.
+    updated = state.apply_gradients(grads={**jax.tree.map(jnp.zeros_like, state.params), 'decoder': grads})
+    state = updated.replace(params={**state.params, 'decoder': updated.params['decoder']})
+    restarted = jnp.zeros((), jnp.int32)
+  else:
+    vq = vqvae.ema_update(state.vq, counts, sums, config.ema_decay, config.ema_epsilon)
+    candidates = parallel.global_row_sample(vectors, key, config.num_embeddings)
+    vq, restarted = vqvae.restart_dead_codes(vq, candidates, config.ema_decay, config.dead_code_fraction)
+    state = state.apply_gradients(grads=grads).replace(vq=vq)
   step_metrics = jax.lax.pmean({'loss': loss, 'reconstruction': reconstruction_loss, 'commitment': commitment_loss},
                                parallel.AXIS)
   step_metrics.update(perplexity=vqvae.perplexity(counts), codes_used=jnp.sum(counts > 0), restarted=restarted)
   return state, step_metrics
 
 
-def train_steps(state: TrainState, batches, keys, *, config, data_variance: float):
+def train_steps(state: TrainState, batches, keys, *, config, data_variance: float, decoder_only: bool = False):
   """len(keys) consecutive train_steps in one call (batches: [steps, per-device batch, ...]), unrolled
   (loop.unrolled); returns the state and each metric stacked over the steps."""
-  step = jax.jit(functools.partial(train_step, config=config, data_variance=data_variance))
+  step = jax.jit(functools.partial(train_step, config=config, data_variance=data_variance, decoder_only=decoder_only))
   return loop.unrolled(state, [(step, (batches[i], keys[i])) for i in range(keys.shape[0])])
+
+
+def from_best_checkpoint(p_state, workdir: str):
+  """The decoder phase's start: the parameters and codebook of the run's best checkpoint so far (the joint steps'
+  best by validation metric: what stage 2 would take without the phase), not the last joint step's, which at a
+  constant rate can be a worse one; the step count and Adam's state go on. Without a best checkpoint, p_state."""
+  best = checkpoints.path(workdir, 'best')
+  if checkpoints.latest_complete_step(best) is None:
+    return p_state
+  state, step = checkpoints.restore_raw(best, 'stage-1 (best)')
+  print(f'[vqvae] the decoder phase starts from the best checkpoint (step {step})', flush=True)
+  return p_state.replace(params=parallel.replicate(state['params']), vq=parallel.replicate(state[vqvae.VQ]))
 
 
 def data_variance(source, image_size: int, sample: int = 512) -> float:
@@ -153,11 +190,15 @@ def num_steps(config, train_size: int) -> int:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains stage 1 in workdir (resuming from its latest checkpoint) and returns the last validation metrics."""
   check_config(config)
-  must_match, why = MUST_MATCH, None
+  must_match, why = MUST_MATCH, {'decoder_steps': "the decoder phase's schedule is laid out over its length"}
   if config.lr_schedule == 'cosine':   # laid out over the run's length: a longer run would raise the rate again
     must_match += ('num_train_steps', 'num_epochs')
-    why = dict.fromkeys(('num_train_steps', 'num_epochs'), "the cosine learning-rate schedule is laid out over the "
-                        "run's length; extending it would raise the learning rate at the resume point")
+    why.update(dict.fromkeys(('num_train_steps', 'num_epochs'), "the cosine learning-rate schedule is laid out over "
+                             "the run's length; extending it would raise the learning rate at the resume point"))
+  elif config.decoder_steps:   # the decoder phase begins where the joint steps end
+    must_match += ('num_train_steps', 'num_epochs')
+    why.update(dict.fromkeys(('num_train_steps', 'num_epochs'), 'the decoder phase begins where the joint steps '
+                             'end'))
   checkpoints.check_resumable(workdir, config, checkpoints.STAGE1, must_match, why)
   with checkpoints.lock(workdir):   # a second run on the workdir stops here, before it writes anything
     checkpoints.write_config(workdir, config, checkpoints.STAGE1, must_match, why)
@@ -171,21 +212,26 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     builder = parallel.main_process_first(
         lambda: tfds_oasis.prepare(config.dataset, config.data_dir, config.cache_dir))
     train_source, validate_source = builder.as_data_source('train'), builder.as_data_source('validate')
-    total_steps = num_steps(config, len(train_source))
+    joint_steps = num_steps(config, len(train_source))
+    total_steps = joint_steps + config.decoder_steps
     variance = data_variance(train_source, config.image_size)
 
   with phases('setup'):
-    state = create_state(config, jax.random.key(config.seed), total_steps)
+    state = create_state(config, jax.random.key(config.seed), joint_steps)
     iterator = input_pipeline.train_iterator(train_source, sharding, config.seed)
-  p_train_steps = jax.pmap(functools.partial(train_steps, config=config, data_variance=variance),
-                           axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None))
+  # The joint steps' call and the decoder phase's (calls end where the phase begins: cadence below).
+  p_train_steps = {decoder_only: jax.pmap(
+      functools.partial(train_steps, config=config, data_variance=variance, decoder_only=decoder_only),
+      axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None)) for decoder_only in (False, True)}
   p_eval_step = stage1.make_eval_step(stage1.model_from_config(config), config.num_embeddings)
   base_key = jax.random.key(config.seed + 1)
 
   def run_steps(p_state, first, last):
+    if first == joint_steps + 1 and config.decoder_steps:
+      p_state = from_best_checkpoint(p_state, workdir)
     batches = np.stack([next(iterator) for _ in range(first, last + 1)], axis=1)
     keys = jnp.stack([jax.random.fold_in(base_key, s) for s in range(first, last + 1)])
-    return p_train_steps(p_state, batches, keys)
+    return p_train_steps[first > joint_steps](p_state, batches, keys)
 
   def evaluate(step, p_state):
     p_variables = {'params': p_state.params, vqvae.VQ: p_state.vq}
@@ -195,8 +241,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            'validate/originals_over_reconstructions', f'reconstructions_{step:06d}.png')
 
   cadence = loop.Cadence(config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps,
-                         config.steps_per_call)
-  describe = (f'{total_steps} steps, global batch {config.batch_size} on {jax.device_count()} device(s), '
+                         config.steps_per_call, ends=(joint_steps,))
+  phase = f' + {total_steps - joint_steps} of the decoder alone' if total_steps > joint_steps else ''
+  describe = (f'{joint_steps} steps{phase}, global batch {config.batch_size} on {jax.device_count()} device(s), '
               f'{len(train_source)} train slices, data variance {variance:.4f}')
   _, validation = loop.train('vqvae', workdir, state, iterator, total_steps, cadence, config.best_metric, run_steps,
                              evaluate, describe, phases)

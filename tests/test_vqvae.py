@@ -246,24 +246,23 @@ def test_decoder_phase_hands_stage_2_the_codes_of_the_run_without_it(tmp_path, c
   assert with_phase['psnr'] > without['psnr'] + 0.5, (with_phase, without)
 
 
-def test_decoder_phase_starts_from_the_best_checkpoint(tmp_path):
-  """from_best_checkpoint: the parameters and codebook of WORKDIR/best/ (not the live state's), with the live step
-  count and Adam state; without a best checkpoint, the live state."""
+def test_decoder_phase_takes_the_best_checkpoints_encoder_and_codebook(tmp_path):
+  """with_best_codes: the encoder and codebook of WORKDIR/best/, with the live decoder, step count and Adam state;
+  without a best checkpoint, the live state."""
   config = vqvae_configs.get_config('tiny')
-  live = vqvae_trainer.create_state(config, jax.random.key(0))
+  live = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(0)).replace(step=40))
   best = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(1)))
-  live = jax.device_get(live.replace(step=40))
   workdir = str(tmp_path)
-  assert vqvae_trainer.from_best_checkpoint(parallel.replicate(live), workdir).step[0] == 40   # no best yet
+  assert vqvae_trainer.with_best_codes(parallel.replicate(live), workdir).step[0] == 40   # no best yet
   store = checkpoints.Checkpoints(workdir, best_metric='psnr')
   store.save(10, best.replace(step=10), {'position': 0}, {'psnr': 20.0})
   store.close()
-  started = parallel.unreplicate(vqvae_trainer.from_best_checkpoint(parallel.replicate(live), workdir))
+  started = parallel.unreplicate(vqvae_trainer.with_best_codes(parallel.replicate(live), workdir))
   assert int(started.step) == 40
-  for a, b in zip(jax.tree.leaves((best.params, best.vq)), jax.tree.leaves((started.params, started.vq))):
-    np.testing.assert_array_equal(a, b)
-  for a, b in zip(jax.tree.leaves(live.opt_state), jax.tree.leaves(started.opt_state)):
-    np.testing.assert_array_equal(a, b)
+  for expected, got in [((best.params['encoder'], best.vq), (started.params['encoder'], started.vq)),
+                        ((live.params['decoder'], live.opt_state), (started.params['decoder'], started.opt_state))]:
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(a, b)
   assert not np.array_equal(live.params['encoder']['Conv_0']['kernel'], best.params['encoder']['Conv_0']['kernel'])
 
 

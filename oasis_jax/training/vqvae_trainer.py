@@ -159,16 +159,18 @@ def train_steps(state: TrainState, batches, keys, *, config, data_variance: floa
   return loop.unrolled(state, [(step, (batches[i], keys[i])) for i in range(keys.shape[0])])
 
 
-def from_best_checkpoint(p_state, workdir: str):
-  """The decoder phase's start: the parameters and codebook of the run's best checkpoint so far (the joint steps'
-  best by validation metric: what stage 2 would take without the phase), not the last joint step's, which at a
-  constant rate can be a worse one; the step count and Adam's state go on. Without a best checkpoint, p_state."""
+def with_best_codes(p_state, workdir: str):
+  """The decoder phase's start: the encoder and codebook of the run's best checkpoint (the joint steps' best by
+  validation metric, what stage 2 would take without the phase), not the last joint step's, which at a constant rate
+  can be a worse one; the decoder, the step count and Adam's state go on. Every later best checkpoint holds the same
+  encoder and codebook, so a run resumed at the phase's start gets them too. Without a best checkpoint, p_state."""
   best = checkpoints.path(workdir, 'best')
   if checkpoints.latest_complete_step(best) is None:
     return p_state
   state, step = checkpoints.restore_raw(best, 'stage-1 (best)')
-  print(f'[vqvae] the decoder phase starts from the best checkpoint (step {step})', flush=True)
-  return p_state.replace(params=parallel.replicate(state['params']), vq=parallel.replicate(state[vqvae.VQ]))
+  print(f'[vqvae] the decoder phase: the encoder and codebook of the best checkpoint (step {step})', flush=True)
+  params = {**jax.device_get(parallel.unreplicate(p_state.params)), 'encoder': state['params']['encoder']}
+  return p_state.replace(params=parallel.replicate(params), vq=parallel.replicate(state[vqvae.VQ]))
 
 
 def data_variance(source, image_size: int, sample: int = 512) -> float:
@@ -228,7 +230,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def run_steps(p_state, first, last):
     if first == joint_steps + 1 and config.decoder_steps:
-      p_state = from_best_checkpoint(p_state, workdir)
+      p_state = with_best_codes(p_state, workdir)
     batches = np.stack([next(iterator) for _ in range(first, last + 1)], axis=1)
     keys = jnp.stack([jax.random.fold_in(base_key, s) for s in range(first, last + 1)])
     return p_train_steps[first > joint_steps](p_state, batches, keys)

@@ -48,7 +48,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.num_train_steps = -1    # > 0 overrides num_epochs
   # Then decoder_steps more steps train the decoder alone (0 = none), on the codes of the encoder and codebook of the
   # joint steps' best checkpoint, frozen: reconstructions sharpen while the code maps stage 2 learns stay as they
-  # are. Its own schedule (lr_schedule over these steps), at decoder_learning_rate (0 = learning_rate).
+  # are. Its rate: a warm-up, then cosine decay from decoder_learning_rate (0 = learning_rate) to 1 % of it.
   config.decoder_steps = 0
   config.decoder_learning_rate = 0.0
   # Train steps per compiled call (unrolled; a call ends early at a step that logs, evaluates or saves): XLA:CPU

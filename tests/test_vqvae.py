@@ -217,15 +217,19 @@ def test_decoder_step_moves_the_decoder_as_the_joint_step_and_nothing_else(tiny_
 
 
 def test_decoder_phase_has_its_own_schedule():
-  """The rate: the joint steps' cosine schedule, then the decoder phase's own warm-up and cosine at
-  config.decoder_learning_rate (values by hand: warm-up over 2 % of each phase's steps)."""
+  """The rate: the joint steps' schedule, then the decoder phase's own warm-up and cosine at
+  config.decoder_learning_rate (values by hand: warm-up over 2 % of each phase's steps), after a constant rate too."""
   config = vqvae_configs.get_config('tiny')
   config.update(lr_schedule='cosine', learning_rate=1e-3, decoder_steps=100, decoder_learning_rate=4e-3)
   rates = vqvae_trainer.schedule(config, joint_steps=200)
   np.testing.assert_allclose([rates(0), rates(2), rates(4), rates(200), rates(201), rates(202), rates(251)],
                              [0.0, 0.5e-3, 1e-3, 0.0, 2e-3, 4e-3, 4e-3 * (0.01 + 0.99 * 0.5)], rtol=1e-5, atol=1e-9)
+  config.lr_schedule = 'constant'
+  rates = vqvae_trainer.schedule(config, joint_steps=200)
+  np.testing.assert_allclose([rates(0), rates(199), rates(200), rates(202), rates(300)], [1e-3, 1e-3, 0.0, 4e-3, 4e-5],
+                             rtol=1e-4, atol=1e-9)
   config.decoder_steps = 0
-  np.testing.assert_allclose(vqvae_trainer.schedule(config, joint_steps=200)(300), 1e-5)   # no phase: the end
+  assert vqvae_trainer.schedule(config, joint_steps=200) == 1e-3
 
 
 def test_decoder_phase_hands_stage_2_the_codes_of_the_run_without_it(tmp_path, cache_dir):

@@ -58,23 +58,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       f'rate config.learning_rate)')
 
 
-def learning_rate(config, total_steps: int, rate: float = 0.0):
-  """config.lr_schedule at `rate` (0: config.learning_rate): 'constant' (Adam 1e-3 in the default recipe) or 'cosine'
-  (linear warm-up over the first 2 % of the steps, then cosine decay to 1 % of the rate at total_steps)."""
-  rate = rate or config.learning_rate
+def learning_rate(config, total_steps: int):
+  """config.lr_schedule: 'constant' (Adam 1e-3 in the default recipe) or 'cosine' (see `cosine`)."""
   if config.lr_schedule == 'constant':
-    return rate
+    return config.learning_rate
+  return cosine(config.learning_rate, total_steps)
+
+
+def cosine(rate: float, total_steps: int):
+  """A linear warm-up over the first 2 % of the steps, then cosine decay to 1 % of the rate at total_steps."""
   return optax.warmup_cosine_decay_schedule(0.0, rate, max(1, total_steps // 50), total_steps, rate * 0.01)
 
 
 def schedule(config, joint_steps: int):
-  """The rate at each step: the joint steps' schedule, then (config.decoder_steps > 0) the decoder phase's own."""
+  """The rate at each step: the joint steps' (config.lr_schedule), then, with config.decoder_steps > 0, the decoder
+  phase's: `cosine` over its steps at config.decoder_learning_rate (0: config.learning_rate)."""
   joint = learning_rate(config, joint_steps)
   if not config.decoder_steps:
     return joint
-  decoder = learning_rate(config, config.decoder_steps, config.decoder_learning_rate)
-  as_function = lambda rate: rate if callable(rate) else optax.constant_schedule(rate)
-  return optax.join_schedules([as_function(joint), as_function(decoder)], [joint_steps])
+  decoder = cosine(config.decoder_learning_rate or config.learning_rate, config.decoder_steps)
+  return optax.join_schedules([joint if callable(joint) else optax.constant_schedule(joint), decoder], [joint_steps])
 
 
 def create_state(config, key, joint_steps: int = 0) -> TrainState:

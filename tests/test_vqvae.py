@@ -250,24 +250,37 @@ def test_decoder_phase_hands_stage_2_the_codes_of_the_run_without_it(tmp_path, c
   assert with_phase['psnr'] > without['psnr'] + 0.5, (with_phase, without)
 
 
-def test_decoder_phase_takes_the_best_checkpoints_encoder_and_codebook(tmp_path):
-  """with_best_codes: the encoder and codebook of WORKDIR/best/, with the live decoder, step count and Adam state;
-  without a best checkpoint, the live state."""
+def test_decoder_phase_starts_from_the_best_checkpoints_codes_with_fresh_moments(tmp_path):
+  """decoder_phase_start: the encoder and codebook of WORKDIR/best/, the live decoder and step count, Adam's moments
+  and bias-correction count afresh while the learning-rate schedule's count goes on; without a best checkpoint, the
+  live state with fresh moments."""
   config = vqvae_configs.get_config('tiny')
-  live = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(0)).replace(step=40))
+  config.update(lr_schedule='cosine', decoder_steps=10)
+  live = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(0)))
+  grads = jax.tree.map(lambda x: np.full_like(x, 0.01), live.params)
+  for _ in range(3):   # Adam moments and counts that are not fresh
+    live = live.apply_gradients(grads=grads)
+  live = jax.device_get(live)
   best = jax.device_get(vqvae_trainer.create_state(config, jax.random.key(1)))
   workdir = str(tmp_path)
-  assert vqvae_trainer.with_best_codes(parallel.replicate(live), workdir).step[0] == 40   # no best yet
   store = checkpoints.Checkpoints(workdir, best_metric='psnr')
-  store.save(10, best.replace(step=10), {'position': 0}, {'psnr': 20.0})
+  store.save(2, best.replace(step=2), {'position': 0}, {'psnr': 20.0})
   store.close()
-  started = parallel.unreplicate(vqvae_trainer.with_best_codes(parallel.replicate(live), workdir))
-  assert int(started.step) == 40
+  started = parallel.unreplicate(vqvae_trainer.decoder_phase_start(parallel.replicate(live), workdir))
+  assert int(started.step) == 3
   for expected, got in [((best.params['encoder'], best.vq), (started.params['encoder'], started.vq)),
-                        ((live.params['decoder'], live.opt_state), (started.params['decoder'], started.opt_state))]:
+                        (live.params['decoder'], started.params['decoder'])]:
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
       np.testing.assert_array_equal(a, b)
   assert not np.array_equal(live.params['encoder']['Conv_0']['kernel'], best.params['encoder']['Conv_0']['kernel'])
+  adam, scheduled = started.opt_state
+  assert int(adam.count) == 0 and int(scheduled.count) == 3 == int(live.opt_state[1].count)
+  assert all(not np.any(leaf) for leaf in jax.tree.leaves((adam.mu, adam.nu)))
+  assert any(np.any(leaf) for leaf in jax.tree.leaves(live.opt_state[0].mu))
+  alone = parallel.unreplicate(vqvae_trainer.decoder_phase_start(parallel.replicate(live), str(tmp_path / 'none')))
+  np.testing.assert_array_equal(alone.params['encoder']['Conv_0']['kernel'],
+                                live.params['encoder']['Conv_0']['kernel'])
+  assert int(alone.opt_state[0].count) == 0
 
 
 def test_steps_per_call_equal_single_steps(tiny_batch):

@@ -162,18 +162,23 @@ def train_steps(state: TrainState, batches, keys, *, config, data_variance: floa
   return loop.unrolled(state, [(step, (batches[i], keys[i])) for i in range(keys.shape[0])])
 
 
-def with_best_codes(p_state, workdir: str):
-  """The decoder phase's start: the encoder and codebook of the run's best checkpoint (the joint steps' best by
-  validation metric, what stage 2 would take without the phase), not the last joint step's, which at a constant rate
-  can be a worse one; the decoder, the step count and Adam's state go on. Every later best checkpoint holds the same
-  encoder and codebook, so a run resumed at the phase's start gets them too. Without a best checkpoint, p_state."""
+def decoder_phase_start(p_state, workdir: str):
+  """The decoder phase's first state: the encoder and codebook of the run's best checkpoint (the joint steps' best
+  by validation metric, what stage 2 would take without the phase), not the last joint step's, which at a constant
+  rate can be a worse one; Adam's moments afresh (the joint steps' would damp the phase's updates for its first
+  thousand steps: beta2 = 0.999); the decoder and the step count go on. Every later best checkpoint holds the same
+  encoder and codebook, so a run resumed at the phase's start gets the same state. Without a best checkpoint, only
+  the moments are new."""
+  state = jax.device_get(parallel.unreplicate(p_state))
   best = checkpoints.path(workdir, 'best')
-  if checkpoints.latest_complete_step(best) is None:
-    return p_state
-  state, step = checkpoints.restore_raw(best, 'stage-1 (best)')
-  print(f'[vqvae] the decoder phase: the encoder and codebook of the best checkpoint (step {step})', flush=True)
-  params = {**jax.device_get(parallel.unreplicate(p_state.params)), 'encoder': state['params']['encoder']}
-  return p_state.replace(params=parallel.replicate(params), vq=parallel.replicate(state[vqvae.VQ]))
+  if checkpoints.latest_complete_step(best) is not None:
+    saved, step = checkpoints.restore_raw(best, 'stage-1 (best)')
+    print(f'[vqvae] the decoder phase: the encoder and codebook of the best checkpoint (step {step})', flush=True)
+    state = state.replace(params={**state.params, 'encoder': saved['params']['encoder']}, vq=saved[vqvae.VQ])
+  fresh = lambda part: (part._replace(count=np.zeros_like(part.count), mu=jax.tree.map(np.zeros_like, part.mu),
+                                     nu=jax.tree.map(np.zeros_like, part.nu))
+                        if isinstance(part, optax.ScaleByAdamState) else part)
+  return parallel.replicate(state.replace(opt_state=tuple(fresh(part) for part in state.opt_state)))
 
 
 def data_variance(source, image_size: int, sample: int = 512) -> float:
@@ -233,7 +238,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def run_steps(p_state, first, last):
     if first == joint_steps + 1 and config.decoder_steps:
-      p_state = with_best_codes(p_state, workdir)
+      p_state = decoder_phase_start(p_state, workdir)
     batches = np.stack([next(iterator) for _ in range(first, last + 1)], axis=1)
     keys = jnp.stack([jax.random.fold_in(base_key, s) for s in range(first, last + 1)])
     return p_train_steps[first > joint_steps](p_state, batches, keys)

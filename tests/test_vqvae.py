@@ -235,9 +235,10 @@ def test_decoder_phase_has_its_own_schedule():
 def test_decoder_phase_hands_stage_2_the_codes_of_the_run_without_it(tmp_path, cache_dir):
   """A run with config.decoder_steps ends with the encoder and codebook of the same run without the phase (its best
   checkpoint, what stage 2 would take), to the bit, so stage 2 learns the same code maps; the reconstructions improve.
-  The joint steps end at step 12, inside a call of 5 steps (calls end where the phase begins)."""
+  The joint steps end at step 12, inside a call of 5 steps and between evaluations (calls end where the phase begins,
+  and the loop evaluates there, as the run without the phase does at its last step)."""
   config = vqvae_configs.get_config('tiny')
-  config.update(cache_dir=cache_dir, num_train_steps=12, eval_every_steps=6, checkpoint_every_steps=10,
+  config.update(cache_dir=cache_dir, num_train_steps=12, eval_every_steps=5, checkpoint_every_steps=10,
                 log_every_steps=10)
   without = vqvae_trainer.train_and_evaluate(config, str(tmp_path / 'without'))
   config.decoder_steps = 12
@@ -248,6 +249,8 @@ def test_decoder_phase_hands_stage_2_the_codes_of_the_run_without_it(tmp_path, c
                   jax.tree.leaves((end['vq'], end['params']['encoder']))):
     np.testing.assert_array_equal(a, b)
   assert with_phase['psnr'] > without['psnr'] + 0.5, (with_phase, without)
+  validated = [json.loads(line)['step'] for line in open(tmp_path / 'with' / 'metrics.jsonl') if '"validate"' in line]
+  assert validated == [5, 10, 12, 15, 20, 24]
 
 
 def test_decoder_phase_starts_from_the_best_checkpoints_codes_with_fresh_moments(tmp_path):

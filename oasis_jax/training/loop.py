@@ -23,7 +23,8 @@ from oasis_jax.training import progress
 @dataclasses.dataclass(frozen=True)
 class Cadence:
   """Every how many steps the loop logs, evaluates and checkpoints; how many steps one compiled call may run; the
-  steps at which a call must end besides (`ends`: where a stage's training changes phase)."""
+  steps at which a call must end besides (`ends`: where a stage's training changes phase; the loop evaluates and
+  checkpoints there too, so that the best checkpoint of a phase can be its last step)."""
   log_every: int
   eval_every: int
   checkpoint_every: int
@@ -130,7 +131,7 @@ def train(name: str, workdir: str, state: Any, iterator, total_steps: int, caden
         p_state, step_metrics = run_steps(p_state, first, step)
       compiled = True
       history.append(step_metrics)
-      do_eval = step % cadence.eval_every == 0 or step == total_steps
+      do_eval = step % cadence.eval_every == 0 or step == total_steps or step in cadence.ends
       do_save = step % cadence.checkpoint_every == 0 or do_eval
       if step % cadence.log_every == 0 or do_save:
         with phases('train'):   # waits for the steps to finish

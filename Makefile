@@ -39,6 +39,7 @@ bench: venv
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) -m bench.data_pipeline
 	$(PY) -m bench.train_step
+	$(PY) -m bench.train_step --sizes=demo --decoder_only
 	$(PY) -m bench.first_calls
 	$(PY) -m bench.train_gan_step --sizes=seed
 	$(PY) -m bench.train_gan_step --sizes=demo

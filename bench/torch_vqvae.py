@@ -91,8 +91,14 @@ def ssim(x, y):
   return ((2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1) * (2 * cov + c2) / (var_x + var_y + c2)).mean((1, 2))
 
 
-def make_train_step(model, learning_rate, data_variance, commitment_cost=0.25, ssim_weight=0.0):
-  optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+def make_train_step(model, learning_rate, data_variance, commitment_cost=0.25, ssim_weight=0.0,
+                    decoder_only=False):
+  """decoder_only: stage 1's decoder phase (config.decoder_steps) as PyTorch writes it: the encoder frozen
+  (requires_grad off, so autograd records none of it), no codebook update (eval mode), Adam over the decoder."""
+  if decoder_only:
+    model.encoder.requires_grad_(False)
+    model.eval()
+  optimizer = torch.optim.Adam(model.decoder.parameters() if decoder_only else model.parameters(), lr=learning_rate)
 
   def step(images):
     optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 """Stage-1 train step: oasis_jax vs a PyTorch peer of the same architecture, and against this machine's GEMM peak.
 
-    python -m bench.train_step [--sizes=seed,demo] [--rounds=5]
+    python -m bench.train_step [--sizes=seed,demo] [--rounds=5] [--decoder_only]
 
 For each size (seed: the `default` recipe, 256x256 slices at batch 32, 64x64 codes, K=512; demo: the `demo` recipe)
 it times oasis_jax's real pmapped train step (1 device, fp32, donated state) and the PyTorch peer
@@ -107,26 +107,28 @@ def xla_flops(stage) -> float:
   return float(cost.get('flops', 0.0))
 
 
-def pmapped_step(config, step=vqvae_trainer.train_step):
-  """`step` (train_step, or train_steps for several per call) pmapped as train_vqvae.py runs it."""
-  return jax.pmap(functools.partial(step, config=config, data_variance=0.08),
+def pmapped_step(config, step=vqvae_trainer.train_step, decoder_only: bool = False):
+  """`step` (train_step, or train_steps for several per call) pmapped as train_vqvae.py runs it; decoder_only: the
+  decoder phase's step."""
+  return jax.pmap(functools.partial(step, config=config, data_variance=0.08, decoder_only=decoder_only),
                   axis_name=parallel.AXIS, donate_argnums=(0,), in_axes=(0, 0, None))
 
 
-def model_flops(config, batch) -> float:
+def model_flops(config, batch, decoder_only: bool = False) -> float:
   """FLOPs of one step of the model as written with direct convolutions (XLA's cost analysis, before compiling)."""
   config = config.copy_and_resolve_references()
   config.conv_impl = 'xla'
   state = parallel.replicate(vqvae_trainer.create_state(config, jax.random.key(0)))
-  return xla_flops(pmapped_step(config).lower(state, jnp.asarray(batch[None]), jax.random.key(1)))
+  return xla_flops(pmapped_step(config, decoder_only=decoder_only).lower(state, jnp.asarray(batch[None]),
+                                                                         jax.random.key(1)))
 
 
-def jax_runner(config, batch, steps: int):
+def jax_runner(config, batch, steps: int, decoder_only: bool = False):
   """oasis_jax's pmapped train steps on one device as train_vqvae.py runs them: calls of config.steps_per_call
   steps (vqvae_trainer.train_steps), at least `steps` steps per run."""
   per_call = config.steps_per_call
   p_state = parallel.replicate(vqvae_trainer.create_state(config, jax.random.key(0)))
-  call = pmapped_step(config, vqvae_trainer.train_steps)
+  call = pmapped_step(config, vqvae_trainer.train_steps, decoder_only)
   images = jnp.asarray(np.broadcast_to(batch, (1, per_call) + batch.shape))
   keys = jnp.stack([jax.random.key(i) for i in range(per_call)])
   flops = xla_flops(call.lower(p_state, images, keys).compile()) / per_call
@@ -142,7 +144,7 @@ def jax_runner(config, batch, steps: int):
   return run, flops
 
 
-def torch_runner(config, batch, kind, compiled, steps: int, channels_last: bool = False):
+def torch_runner(config, batch, kind, compiled, steps: int, channels_last: bool = False, decoder_only: bool = False):
   import torch
   from bench import torch_vqvae
   torch.manual_seed(0)
@@ -153,7 +155,8 @@ def torch_runner(config, batch, kind, compiled, steps: int, channels_last: bool 
   if channels_last:   # NHWC in memory, as oasis_jax's layout (torch.channels_last)
     model = model.to(memory_format=torch.channels_last)
     images = images.contiguous(memory_format=torch.channels_last)
-  step = torch_vqvae.make_train_step(model, cfg.learning_rate, 0.08, ssim_weight=cfg.get('ssim_weight', 0.0))
+  step = torch_vqvae.make_train_step(model, cfg.learning_rate, 0.08, ssim_weight=cfg.get('ssim_weight', 0.0),
+                                     decoder_only=decoder_only)
   if compiled:
     step = torch.compile(step)
 
@@ -180,6 +183,9 @@ def main():
   parser.add_argument('--batch_sizes', default='',
                       help="oasis_jax variants: global batch sizes (config.batch_size), e.g. 4,8; default: the "
                       "recipe's. The PyTorch peers run the recipe's")
+  parser.add_argument('--decoder_only', action='store_true',
+                      help="time stage 1's decoder-phase step (config.decoder_steps: the decoder alone trained, "
+                      'encoder and codebook frozen) on both sides')
   args = parser.parse_args()
   for name in args.torch.split(','):
     kind, _, rest = name.partition('-')
@@ -204,19 +210,20 @@ def main():
           config.conv_impl, config.steps_per_call = impl, int(per_call)
           name = f'oasis_jax {spec}, {per_call}/call' + (f', b{size_of_batch}' if len(batches) > 1 else '')
           with context:
-            runners[name], flops[name] = jax_runner(config, images[:size_of_batch], steps)
+            runners[name], flops[name] = jax_runner(config, images[:size_of_batch], steps, args.decoder_only)
           batch_of[name] = size_of_batch
     for name in args.torch.split(','):
       kind, mode, *layout = name.split('-')
       try:
         runners[f'torch {name}'] = torch_runner(config, batch, kind, mode == 'compiled', steps,
-                                                layout == ['channels_last'])
+                                                layout == ['channels_last'], args.decoder_only)
         batch_of[f'torch {name}'] = config.batch_size
       except Exception as error:   # torch.compile needs a working C++ toolchain; report, don't hide
         print(f'  torch {name}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]})')
     medians = alternating_medians(runners, args.rounds)
     print(f'\n{size}: {config.image_size}x{config.image_size}, batch {config.batch_size}, hidden '
-          f'{config.num_hiddens}, K={config.num_embeddings}, {args.rounds} alternating rounds of >= {steps} step(s)')
+          f'{config.num_hiddens}, K={config.num_embeddings}, {args.rounds} alternating rounds of >= {steps} step(s)'
+          + (', the decoder-phase step (decoder alone)' if args.decoder_only else ''))
     print(f'  {"implementation":40} {"s/step":>8} {"images/s":>9}')
     rates = {}
     for name, median in medians.items():
@@ -224,7 +231,7 @@ def main():
       print(f'  {name:40} {median:8.3f} {rates[name]:9.2f}')
     best_torch = max((v for k, v in rates.items() if k.startswith('torch')), default=float('nan'))
     summary['sizes'][size] = {'images_per_s': rates}
-    useful = model_flops(config, batch)
+    useful = model_flops(config, batch, args.decoder_only)
     print(f'  model: {useful / 1e9:.1f} GFLOP/step of {config.batch_size} with direct convolutions')
     for name in flops:
       achieved = useful * rates[name] / config.batch_size   # the model's FLOPs per image, at any batch

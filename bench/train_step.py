@@ -194,7 +194,7 @@ def main():
       parser.error(f'--torch: {name!r} is not UPSAMPLE-MODE[-channels_last] (transpose or subpixel, eager or '
                    f'compiled)')
   peak = machine_header()
-  summary = {'gemm_gflops': peak / 1e9, 'sizes': {}}
+  summary = {'gemm_gflops': peak / 1e9, 'decoder_only': args.decoder_only, 'sizes': {}}
   for size in args.sizes.split(','):
     config = vqvae_configs.get_config('default' if size == 'seed' else size)
     batches = int_list(args.batch_sizes, config.batch_size)

@@ -7,6 +7,8 @@ for stage-1 reconstructions of those slices as the reference point (no downloade
   ms_ssim    mean MS-SSIM between pairs of images of the set: diversity (lower = more diverse)
   code_kl    KL(code histogram of the split's slices || code histogram of the set)
   nn_ssim    mean over the set of the highest SSIM against any training slice (64x64): memorisation check
+  code_repeats  of neighbouring code-map positions inside the brain, the fraction holding the same code (real
+                maps repeat far less often than generated ones, whose repeats render as dotted dashes)
 Both stages also report a classifier two-sample test (oasis_jax/c2st.py) on up to `c2st_images` training slices:
 held-out accuracy of telling reconstructions from the real slices (stage 1's ceiling), and for stage 2 samples
 from reconstructions (stage 2's own gap: a perfect generator matches the reconstructions) and samples from real
@@ -88,7 +90,8 @@ def evaluate_gan(workdir: str, split: str, batch_size: int, seed: int, c2st_imag
   def scores(images_, codes):
     return {'swd': metrics.swd(images_, real)['mean'], 'ms_ssim': metrics.ms_ssim_diversity(images_),
             'code_kl': float(metrics.code_histogram_kl(real_histogram, histogram(codes))),
-            'nn_ssim': float(metrics.nearest_neighbour_ssim(images_, train_small).mean())}
+            'nn_ssim': float(metrics.nearest_neighbour_ssim(images_, train_small).mean()),
+            'code_repeats': metrics.code_repeats(codes, images_)}
   result = {'split': split, 'stage': 'gan', 'images': len(real), 'seed': seed,
             'sample_gumbel_scale': sampling.sample_gumbel_scale(config),
             'samples': scores(samples, sample_codes),

@@ -39,6 +39,19 @@ def code_histogram_kl(real_counts, fake_counts, epsilon: float = 1e-6):
   return jnp.sum(p * jnp.log(p / q))
 
 
+def code_repeats(codes, images, threshold: float = 0.1) -> float:
+  """Of the pairs of neighbouring positions (left-right and up-down) inside the brain, the fraction that hold the
+  same code. codes [N, s, s] and the images they decode to [N, S, S, 1] in [0, 1]; a position is inside when its
+  (S / s)-pixel square of the image averages above `threshold`. Real code maps change code from one position to the
+  next far more often than a smooth generator's, whose repeats render as dotted dashes. 0 when no pair is inside."""
+  codes = np.asarray(codes)
+  inside = block_mean(np.asarray(images, np.float32), codes.shape[1])[..., 0] > threshold
+  pairs = [(codes[:, 1:] == codes[:, :-1], inside[:, 1:] & inside[:, :-1]),             # up-down
+           (codes[:, :, 1:] == codes[:, :, :-1], inside[:, :, 1:] & inside[:, :, :-1])]  # left-right
+  counted = sum(int(both.sum()) for _, both in pairs)
+  return sum(int((same & both).sum()) for same, both in pairs) / counted if counted else 0.0
+
+
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
   x = np.arange(size) - (size - 1) / 2
   w = np.exp(-x ** 2 / (2 * sigma ** 2))

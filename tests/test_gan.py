@@ -651,7 +651,8 @@ def test_evaluate_gan_prints_generation_metrics(tiny_chain, tmp_path, run_cli):
   assert line['split'] == 'test' and line['stage'] == 'gan' and line['images'] > 0
   assert line['sample_gumbel_scale'] == 1.0   # the tiny recipe's, as saved in the run's config
   for group in ('samples', 'reconstructions'):
-    assert set(line[group]) == {'swd', 'ms_ssim', 'code_kl', 'nn_ssim'} and line[group]['swd'] > 0
+    assert set(line[group]) == {'swd', 'ms_ssim', 'code_kl', 'nn_ssim', 'code_repeats'} and line[group]['swd'] > 0
+    assert 0 <= line[group]['code_repeats'] <= 1
   assert 0 < line['real']['nn_ssim'] <= 1 and 0 < line['real']['ms_ssim'] < 1
   assert 'goals' not in line   # figures only: targets belong to the issue tracker, not the output
   assert line['c2st']['images_per_set'] == 100 and set(line['c2st']) == {

@@ -103,3 +103,20 @@ def test_code_histogram_kl_matches_hand_computation():
   p, q = p / p.sum(), q / q.sum()
   assert float(metrics.code_histogram_kl(real, fake)) == pytest.approx(np.sum(p * np.log(p / q)), rel=1e-5)
   assert float(metrics.code_histogram_kl(real, real)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_code_repeats_counts_equal_neighbours_inside_the_brain_by_hand():
+  # One 3x3 code map over a 6x6 image (2x2 pixels per code). Inside (block mean > 0.1): all but the top-right
+  # position, whose block averages 0.05.
+  codes = np.array([[[1, 1, 2],
+                     [1, 3, 3],
+                     [4, 3, 3]]])
+  images = np.full((1, 6, 6, 1), 0.5, np.float32)
+  images[0, :2, 4:, 0] = [[0.2, 0.0], [0.0, 0.0]]
+  # Up-down pairs with both inside: column 0 (1,1) (1,4), column 1 (1,3) (3,3), column 2 (3,3) (its first pair has
+  # the outside corner); left-right: row 0 (1,1) (its second pair has the corner), row 1 (1,3) (3,3), row 2 (4,3)
+  # (3,3). Equal: 3 of 5 up-down, 3 of 5 left-right.
+  assert metrics.code_repeats(codes, images) == pytest.approx(6 / 10)
+  images[0, :2, 4:] = 0.5   # the corner inside too: + up-down (2,3) and left-right (1,2), neither equal
+  assert metrics.code_repeats(codes, images) == pytest.approx(6 / 12)
+  assert metrics.code_repeats(codes, np.zeros_like(images)) == 0.0   # nothing inside

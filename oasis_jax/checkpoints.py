@@ -12,8 +12,9 @@
 
 Checkpoints hold unreplicated host arrays, so a run can resume on a different number of devices. Each holds a
 sha256 digest of its contents, checked on every restore: a checkpoint that fails either way is reported in one line
-and set aside, and the newest good one is used instead. A trained stage is loaded by `stage1.load` or
-`sampling.load`, each in one place.
+and set aside, and the newest good one is used instead. A checkpoint that restores intact but does not fit this
+version's model (parameters added, removed or reshaped since it was written: `check_fits`) stops with one line and
+is left in place. A trained stage is loaded by `stage1.load` or `sampling.load`, each in one place.
 """
 import contextlib
 import datetime
@@ -214,13 +215,17 @@ class _HeldOrbaxErrors(logging.Filter):
     return True
 
 
+def _named_leaves(tree) -> list:
+  """[(path, leaf)] of a tree, a path naming dict keys, attributes and sequence indices alike ('0/params/Conv_0/
+  kernel'), so that a saved tree and the nested dicts a raw restore returns for it name their leaves the same."""
+  return [('/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in key_path), leaf)
+          for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def digest(tree) -> str:
   """sha256 of a tree's leaves (arrays by path, dtype, shape and bytes; scalars and strings by path and value), in
   path order, so that a saved tree and the nested dicts a raw restore returns for it have the same digest."""
-  leaves = []
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in key_path)
-    leaves.append((name, leaf))
+  leaves = _named_leaves(tree)
   hasher = hashlib.sha256()
   for name, leaf in sorted(leaves, key=lambda item: item[0]):
     if isinstance(leaf, str) or np.ndim(leaf) == 0:   # a scalar may come back as a Python number or a 0-d array
@@ -232,24 +237,69 @@ def digest(tree) -> str:
   return hasher.hexdigest()
 
 
+def tree_difference(found, expected, limit: int = 3) -> str:
+  """'' when two trees (`found` restored, `expected` what the model has) hold leaves of the same shapes at the same
+  paths (named as `digest` names them), else their first differences in one line: paths only one of them has, and
+  shapes that differ."""
+  found, expected = dict(_named_leaves(found)), dict(_named_leaves(expected))
+  shown = lambda paths: ', '.join(paths[:limit]) + (f' and {len(paths) - limit} more' if len(paths) > limit else '')
+  parts = []
+  for label, paths in (('only in the checkpoint', sorted(set(found) - set(expected))),
+                       ('only in the model', sorted(set(expected) - set(found)))):
+    if paths:
+      parts.append(f'{label}: {shown(paths)}')
+  reshaped = [f'{name} {tuple(np.shape(found[name]))} where the model has {tuple(np.shape(expected[name]))}'
+              for name in sorted(set(found) & set(expected)) if np.shape(found[name]) != np.shape(expected[name])]
+  if reshaped:
+    parts.append(f'other shapes: {shown(reshaped)}')
+  return '; '.join(parts)
+
+
+def check_fits(found, expected, where: str, remedy: str) -> None:
+  """Stops with one line naming `where` when a restored tree does not fit what this version's model expects
+  (tree_difference): a checkpoint written by another version of the code, which restores intact."""
+  difference = tree_difference(found, expected)
+  if difference:
+    raise UserError(f'{where}: the checkpoint does not fit this version\'s model ({difference}): {remedy}')
+
+
+OTHER_VERSION = ('it was written by another version of oasis_jax; use that version, or train again in another '
+                 '--workdir')
+
+
 def _restore_newest_good(manager, what: str, items: dict):
   """(restored items, step) of the newest checkpoint in manager that restores and matches its digest, or None when
   it has none at all. Each bad one is reported in one line and set aside (renamed <step>.damaged, by process 0).
-  Checkpoints written without a digest (or with another DIGEST_SCHEME) are restored unchecked."""
+  Checkpoints written without a digest (or with another DIGEST_SCHEME) are restored unchecked. A checkpoint that
+  fails to restore into a `state` target (StandardRestore(target)) but restores intact without one was written for
+  another model, not damaged: that stops with one line (check_fits), and nothing is set aside."""
   steps = sorted(manager.all_steps(), reverse=True)
   bad = []
   for step in steps:
     directory = os.path.join(str(manager.directory), str(step))
     with_digest = os.path.isdir(os.path.join(directory, DIGEST))
-    try:
+
+    def restore(items):
       restored = manager.restore(step, args=ocp.args.Composite(
           **items, **({DIGEST: ocp.args.JsonRestore()} if with_digest else {})))
       if with_digest and restored[DIGEST].get('scheme') == DIGEST_SCHEME:
         wrong = [item for item in items if restored[DIGEST][item] != digest(restored[item])]
         if wrong:
           raise ValueError(f'the digest saved with it does not match its {" and ".join(wrong)}')
+      return restored
+
+    target = getattr(items.get('state'), 'item', None)
+    try:
+      restored = restore(items)
     except Exception as error:   # orbax, tensorstore, JSON: any failure to read it back means the same here
       _silence_late_reads()
+      if target is not None:
+        try:
+          intact = restore({**items, 'state': ocp.args.StandardRestore()})['state']
+        except Exception:
+          _silence_late_reads()
+        else:
+          check_fits(intact, target, directory, OTHER_VERSION)
       reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
       reason = reason if len(reason) <= 160 else reason[:157] + '...'
       aside = _set_aside(directory)
@@ -258,6 +308,8 @@ def _restore_newest_good(manager, what: str, items: dict):
             flush=True)
       bad.append(directory)
       continue
+    if target is not None:
+      check_fits(restored['state'], target, directory, OTHER_VERSION)
     if bad:
       manager.reload()
     return {item: restored[item] for item in items}, step

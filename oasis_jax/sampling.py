@@ -2,6 +2,7 @@
 map -> stage-1 decoder), `generate`, loading a trained generator (`load`) and writing samples as PNGs.
 
 Stage-2 training, evaluation and sample.py all import these; nothing here imports a trainer."""
+import functools
 import os
 import re
 from typing import Any, Callable, Iterator, NamedTuple
@@ -156,6 +157,11 @@ def load(workdir: str, vqvae_workdir: str = '') -> Loaded:
   generator_state = state['0'] if '0' in state else state[0]
   g_variables = {'params': generator_state['ema_params'], 'batch_stats': generator_state['batch_stats']}
   generator, _ = make_models(config, stage1_config)
+  expected = jax.eval_shape(functools.partial(generator.init, train=False), jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, config.latent_dim), jnp.float32))
+  checkpoints.check_fits(g_variables, expected, workdir,
+                         'its generator was trained by another version of oasis_jax; train stage 2 again in another '
+                         '--workdir')
   return Loaded(make_sampler(generator, stage1_model, config.head, sample_gumbel_scale(config)), g_variables,
                 stage1_model, stage1_variables, stage1_config, config)
 

@@ -30,7 +30,13 @@ def load(workdir: str):
   if stage != checkpoints.STAGE1:
     raise UserError(f'{workdir}: holds a {stage} run, expected a stage-1 ({checkpoints.STAGE1}) workdir')
   state, _ = checkpoints.restore_trained(workdir, 'stage-1')
-  return model_from_config(config), {'params': state['params'], vqvae.VQ: state[vqvae.VQ]}, config
+  model = model_from_config(config)
+  variables = {'params': state['params'], vqvae.VQ: state[vqvae.VQ]}
+  expected = jax.eval_shape(model.init, jax.random.key(0),   # traced, nothing computed
+                            jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 1), jnp.float32))
+  checkpoints.check_fits(variables, expected, workdir,
+                         'it was trained by another version of oasis_jax; train stage 1 again in another --workdir')
+  return model, variables, config
 
 
 def pin(workdir: str, stage1_workdir: str) -> str:

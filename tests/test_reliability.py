@@ -12,6 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from configs import gan as gan_configs
 from configs import vqvae as vqvae_configs
@@ -87,6 +88,66 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_with_one_line(tmp_path, 
                              'aside as <step>.damaged); move one back to retry it, or use another --workdir')
 
 
+def _other_model(params: dict, how: str):
+  """(a copy of a parameter tree as another version of the model might have written it, what check_fits names for
+  it, its paths under 'params/')."""
+  flat = {path: np.asarray(leaf) for path, leaf in traverse_util.flatten_dict(params).items()}
+  first = min(path for path in flat if path[-1] == 'kernel')
+  name = 'params/' + '/'.join(first)
+  if how == 'extra':
+    flat[('Extra', 'kernel')] = np.zeros(3, np.float32)
+    difference = 'only in the checkpoint: params/Extra/kernel'
+  elif how == 'missing':
+    del flat[first]
+    difference = f'only in the model: {name}'
+  else:
+    shape = flat[first].shape
+    flat[first] = np.zeros(shape[:-1] + (1,), np.float32)
+    difference = f'other shapes: {name} {shape[:-1] + (1,)} where the model has {shape}'
+  return traverse_util.unflatten_dict(flat), difference
+
+
+@pytest.mark.parametrize('how', ['extra', 'missing', 'shape'])
+def test_resuming_a_checkpoint_of_another_model_stops_with_one_line_and_sets_nothing_aside(tmp_path, how,
+                                                                                           tiny_state):
+  store = checkpoints.Checkpoints(str(tmp_path), best_metric='psnr')
+  for step in (10, 20):
+    store.save(step, tiny_state.replace(step=np.int32(step), params=_other_model(tiny_state.params, how)[0]),
+               {'next': step})
+  store.close()
+  with pytest.raises(UserError) as info:
+    checkpoints.Checkpoints(str(tmp_path), best_metric='psnr').restore_latest(tiny_state)
+  assert str(info.value) == (f"{tmp_path}/checkpoints/20: the checkpoint does not fit this version's model "
+                             f"({_other_model(tiny_state.params, how)[1]}): it was written by another "
+                             'version of oasis_jax; use that version, or train again in another --workdir')
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '20']   # intact, so not set aside
+
+
+@pytest.mark.parametrize('how', ['extra', 'missing', 'shape'])
+def test_loading_a_trained_stage_of_another_model_stops_with_one_line(tiny_chain, tmp_path, how):
+  """What sample.py, evaluate and train_gan.py load: a generator or a stage 1 whose parameters another version of
+  the model wrote is refused, not applied (Flax would ignore extra parameters and fail deep inside on others)."""
+  for stage in ('gan', 'stage1'):
+    workdir = tmp_path / stage
+    shutil.copytree(tiny_chain[stage], workdir)
+    shutil.rmtree(workdir / 'checkpoints')   # what is loaded: best/
+    state, step = checkpoints.restore_raw(str(workdir / 'best'), stage)
+    # The generator's state (stage 2), the train state (stage 1).
+    held = (state['0'] if '0' in state else state[0]) if stage == 'gan' else state
+    field = 'ema_params' if stage == 'gan' else 'params'
+    held[field], difference = _other_model(held[field], how)
+    shutil.rmtree(workdir / 'best')
+    checkpoints.save_raw(str(workdir / 'best'), step, state)
+    load = sampling.load if stage == 'gan' else stage1.load
+    with pytest.raises(UserError) as info:
+      load(str(workdir))
+    again = 'train stage 2 again' if stage == 'gan' else 'train stage 1 again'
+    trained = 'its generator was trained' if stage == 'gan' else 'it was trained'
+    assert str(info.value) == (f"{workdir}: the checkpoint does not fit this version's model "
+                               f'({difference}): {trained} by another version of '
+                               f'oasis_jax; {again} in another --workdir')
+
+
 def test_sample_and_evaluate_fall_back_from_a_damaged_best_checkpoint(tiny_chain, tmp_path, capfd):
   gan = tmp_path / 'gan'
   shutil.copytree(tiny_chain['gan'], gan)
@@ -118,11 +179,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cach
   assert {name: os.path.getmtime(workdir / 'checkpoints' / name) for name in before} == stamp
 
 
+def _as_if_trained_with(workdir, edit_saved_config, **fields) -> None:
+  """Makes a copy of a stage-1 run look trained with other model fields: its saved config says so, and its only
+  checkpoint (best/) holds a freshly initialised state of that model, as such a run would."""
+  edit_saved_config(workdir, **fields)
+  _, config = checkpoints.read_config(str(workdir))
+  state = vqvae_trainer.create_state(config, jax.random.key(0))
+  for folder in ('best', 'checkpoints'):
+    shutil.rmtree(os.path.join(workdir, folder))
+  checkpoints.save_raw(os.path.join(workdir, 'best'), 1, {'params': state.params, 'vq': state.vq})
+
+
 @pytest.fixture(scope='module')
 def workdirs(tiny_chain, tmp_path_factory, edit_saved_config):
   small = str(tmp_path_factory.mktemp('stage1_4x4') / 'run')   # as if trained on 32x32 slices with 3 downsamples:
   shutil.copytree(tiny_chain['stage1'], small)                 # 4x4 code maps
-  edit_saved_config(small, image_size=32, num_downsamples=3)
+  _as_if_trained_with(small, edit_saved_config, image_size=32, num_downsamples=3)
   return {'vqvae': tiny_chain['stage1'], 'gan': tiny_chain['gan'], 'small': small}
 
 
@@ -203,7 +275,7 @@ def test_bad_input_matrix(case, call, message, workdirs, tmp_path, edit_saved_co
     shutil.rmtree(tmp_path / 'gan_copy' / 'stage1')   # as runs made before stage 2 kept a copy of its stage 1
     shutil.copytree(workdirs['vqvae'], tmp_path / 'stage1_copy')
     edit_saved_config(tmp_path / 'gan_copy', vqvae_workdir=str(tmp_path / 'stage1_copy'))
-    edit_saved_config(tmp_path / 'stage1_copy', num_embeddings=16)
+    _as_if_trained_with(tmp_path / 'stage1_copy', edit_saved_config, num_embeddings=16)
   if case.startswith('stage-2 run saved before'):   # a copy of the GAN whose saved config lacks the field
     shutil.copytree(workdirs['gan'], tmp_path / 'gan_copy')
     edit_saved_config(tmp_path / 'gan_copy', drop=('generator_final_convs',))

@@ -30,8 +30,8 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.gumbel_scale = 1.0
   config.sample_gumbel_scale = 1.0
   # What the discriminator sees of a code map: 'embedding' (one-hot codes @ the frozen stage-1 codebook, [s, s, D])
-  # or 'one_hot' (the codes themselves, [s, s, K]: every two equally far apart; head 'logits' only; README, "Stage 2
-  # design", compares them).
+  # or 'one_hot' (the codes themselves, [s, s, K]: every two equally far apart; head 'logits' only; docs/quality.md
+  # compares them).
   config.discriminator_input = 'embedding'
   config.latent_commitment = 0.25  # head 'latent': weight of ||latent - its codebook vector||^2
   # Stabilisers (0 = off). Without the minibatch-std feature and R1 the generator collapses to one slice (README,
@@ -72,14 +72,14 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   if variant == 'demo':
     config.vqvae_workdir = 'runs/demo/vqvae'
     config.conv_impl = 'xla'       # 16/32-wide layers: 'auto' is no faster (docs/performance.md compares them)
-    config.upsample = 'resize'     # nearest x2 + 3x3 conv: lower SWD than 'subpixel' (README, "Stage 2 design")
+    config.upsample = 'resize'     # nearest x2 + 3x3 conv: lower SWD than 'subpixel' (docs/quality.md)
     config.generator_width = 16    # the generator holds most of the step's FLOPs: at 16, 4000 steps fit the demo
     config.discriminator_width = 32
-    config.generator_final_convs = 1  # README, "Stage 2 design"
-    config.batch_size = 16         # 4000 steps of 16: as many slices as 2000 of 32, twice the updates (README)
+    config.generator_final_convs = 1  # lower SWD than none (docs/quality.md)
+    config.batch_size = 16         # as many slices as 2000 steps of 32, twice the updates (docs/quality.md)
     config.learning_rate = 5e-4
-    config.discriminator_learning_rate = 1e-3   # twice the generator's (README, "Stage 2 design")
-    config.sample_gumbel_scale = 0.5   # sharper draws: fewer stray codes in the background (README, "Stage 2 design")
+    config.discriminator_learning_rate = 1e-3   # twice the generator's (docs/quality.md)
+    config.sample_gumbel_scale = 0.5   # sharper draws: fewer stray codes in the background (docs/quality.md)
     config.num_train_steps = 4000
     config.steps_per_call = 4      # divides r1_every and the intervals: two compiled forms (with and without R1)
     config.cpu_devices = 2         # two replicas of 8 slices: 1.2-1.3x the steps/s on 2 cores (docs/performance.md)

@@ -279,11 +279,11 @@ def _restore_newest_good(manager, what: str, items: dict):
     directory = os.path.join(str(manager.directory), str(step))
     with_digest = os.path.isdir(os.path.join(directory, DIGEST))
 
-    def restore(items):
+    def restore(args: dict):   # the items named by args, checked against the digest
       restored = manager.restore(step, args=ocp.args.Composite(
-          **items, **({DIGEST: ocp.args.JsonRestore()} if with_digest else {})))
+          **args, **({DIGEST: ocp.args.JsonRestore()} if with_digest else {})))
       if with_digest and restored[DIGEST].get('scheme') == DIGEST_SCHEME:
-        wrong = [item for item in items if restored[DIGEST][item] != digest(restored[item])]
+        wrong = [item for item in args if restored[DIGEST][item] != digest(restored[item])]
         if wrong:
           raise ValueError(f'the digest saved with it does not match its {" and ".join(wrong)}')
       return restored

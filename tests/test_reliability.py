@@ -110,16 +110,16 @@ def _other_model(params: dict, how: str):
 @pytest.mark.parametrize('how', ['extra', 'missing', 'shape'])
 def test_resuming_a_checkpoint_of_another_model_stops_with_one_line_and_sets_nothing_aside(tmp_path, how,
                                                                                            tiny_state):
+  params, difference = _other_model(tiny_state.params, how)
   store = checkpoints.Checkpoints(str(tmp_path), best_metric='psnr')
   for step in (10, 20):
-    store.save(step, tiny_state.replace(step=np.int32(step), params=_other_model(tiny_state.params, how)[0]),
-               {'next': step})
+    store.save(step, tiny_state.replace(step=np.int32(step), params=params), {'next': step})
   store.close()
   with pytest.raises(UserError) as info:
     checkpoints.Checkpoints(str(tmp_path), best_metric='psnr').restore_latest(tiny_state)
   assert str(info.value) == (f"{tmp_path}/checkpoints/20: the checkpoint does not fit this version's model "
-                             f"({_other_model(tiny_state.params, how)[1]}): it was written by another "
-                             'version of oasis_jax; use that version, or train again in another --workdir')
+                             f'({difference}): it was written by another version of oasis_jax; use that version, '
+                             'or train again in another --workdir')
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '20']   # intact, so not set aside
 
 

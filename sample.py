@@ -17,6 +17,7 @@ flags.DEFINE_string('vqvae_workdir', '', 'The stage-1 workdir to decode with (de
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.keep_freed_memory()   # before JAX starts its threads
   from oasis_jax import sampling, timing
   phases = timing.Phases()
   outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, 'samples')

@@ -1,4 +1,6 @@
 """The boundary between the top-level scripts and the package: user errors become one line and exit status 1."""
+import ctypes
+import ctypes.util
 import os
 import re
 import sys
@@ -92,6 +94,23 @@ def enable_compilation_cache() -> None:
   from oasis_jax.paths import default_cache_dir
   jax.config.update('jax_compilation_cache_dir', os.path.join(default_cache_dir(), 'jax_compilation_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+
+
+def keep_freed_memory() -> bool:
+  """Has glibc's malloc keep the memory this process frees and serve later requests from it; call it before JAX
+  starts. For the commands that run large single-device batches (evaluate, sample.py): XLA:CPU's matrix products
+  pack their operands into buffers that its worker threads allocate at every call, glibc maps each afresh, and the
+  kernel then maps it in page by page (about 5 million page faults in the demo's stage-2 evaluation, most of its
+  12 s of system time). One arena, no mmap and no trimming serve them from memory already mapped, for a larger peak
+  (docs/performance.md has both). Not for training: two devices' replicas allocating at once wait for the one arena.
+  Returns whether it applied (False where the C library is not glibc)."""
+  try:
+    mallopt = ctypes.CDLL(ctypes.util.find_library('c')).mallopt
+  except (OSError, AttributeError, TypeError):
+    return False
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8   # glibc's <malloc.h>
+  return all(mallopt(option, value) == 1 for option, value in
+             ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2 ** 31 - 1)))
 
 
 def check_workdir(workdir: str, flag: str = '--workdir') -> str:

@@ -25,6 +25,7 @@ flags.DEFINE_integer('c2st_images', 1024, 'The classifier two-sample test uses u
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.keep_freed_memory()   # before JAX starts its threads
   from oasis_jax import checkpoints, evaluation, timing   # imported after flag parsing: JAX starts only when needed
   phases = timing.Phases()
   workdir = cli.check_workdir(FLAGS.workdir)

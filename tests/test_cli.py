@@ -1,11 +1,7 @@
 """The process set-up the top-level scripts share (oasis_jax/cli.py)."""
-import os
-import subprocess
 import sys
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Frees and allocates a 64 MiB array after cli.keep_freed_memory(), counting the page faults of the later ones.
 _REALLOCATE = '''
@@ -24,13 +20,10 @@ print(applied, faults() - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc options')
-def test_keep_freed_memory_serves_a_freed_buffer_again_without_mapping_new_pages():
+def test_keep_freed_memory_serves_a_freed_buffer_again_without_mapping_new_pages(run_cli):
   """A 64 MiB buffer allocated again after one was freed comes from the memory already mapped: no page faults. With
   glibc's defaults each is mapped afresh (about 1600 faults for the three here, with transparent huge pages on
   request; 16384 each without), as XLA:CPU's per-call buffers are in the evaluation (docs/performance.md)."""
-  environment = {**os.environ, 'PYTHONPATH': REPO}
-  result = subprocess.run([sys.executable, '-c', _REALLOCATE], env=environment, capture_output=True, text=True,
-                          timeout=120, check=True)
-  applied, faults = result.stdout.split()
+  applied, faults = run_cli('-c', _REALLOCATE).stdout.split()
   assert applied == 'True'
   assert int(faults) < 16, f'{faults} page faults in allocating a freed 64 MiB buffer again, three times'

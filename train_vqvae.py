@@ -14,6 +14,7 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard log
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.keep_freed_memory()   # before JAX starts its threads
   from oasis_jax.training import vqvae_trainer  # imported after flag parsing: JAX starts only when there is work
   vqvae_trainer.train_and_evaluate(FLAGS.config, cli.check_workdir(FLAGS.workdir))
 

@@ -98,12 +98,12 @@ def enable_compilation_cache() -> None:
 
 def keep_freed_memory() -> bool:
   """Has glibc's malloc keep the memory this process frees and serve later requests from it; call it before JAX
-  starts. For the commands that run large single-device batches (evaluate, sample.py): XLA:CPU's matrix products
-  pack their operands into buffers that its worker threads allocate at every call, glibc maps each afresh, and the
-  kernel then maps it in page by page (about 5 million page faults in the demo's stage-2 evaluation, most of its
-  12 s of system time). One arena, no mmap and no trimming serve them from memory already mapped, for a larger peak
-  (docs/performance.md has both). Not for training: two devices' replicas allocating at once wait for the one arena.
-  Returns whether it applied (False where the C library is not glibc)."""
+  starts. For the commands whose work runs on one device (evaluate, sample.py, train_vqvae.py): XLA:CPU's matrix
+  products pack their operands into buffers that its worker threads allocate at every call, glibc maps each afresh,
+  and the kernel then maps it in page by page (about 5 million page faults in the demo's stage-2 evaluation, most of
+  its 12 s of system time). One arena, no mmap and no trimming serve them from memory already mapped, for a larger
+  peak (docs/performance.md has both). Not for train_gan.py: its two devices' replicas allocate at once and wait for
+  the one arena. Returns whether it applied (False where the C library is not glibc)."""
   try:
     mallopt = ctypes.CDLL(ctypes.util.find_library('c')).mallopt
   except (OSError, AttributeError, TypeError):
